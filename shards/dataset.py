@@ -1,0 +1,137 @@
+"""Window-indexed random access over every shard of a manifest split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .arrow_store import ArrowShard, write_arrow
+from .checksum import checksum, disk_bytes
+from .fields import FieldSpec
+from .manifest import Manifest, Shard, ShardPart
+from .zarr_store import ZarrShard, write_zarr
+
+Verify = Literal["open", "lazy", "none"]
+
+
+def open_shard(path: str | os.PathLike, format: str, fields: dict[str, FieldSpec] | None = None) -> ArrowShard | ZarrShard:
+    if format == "arrow":
+        return ArrowShard(path, fields)
+    if format == "zarr":
+        return ZarrShard(path, fields)
+    raise ValueError(f"unknown shard format {format!r}: use arrow or zarr")
+
+
+def write_shard(
+    path: str | os.PathLike,
+    fields: dict[str, FieldSpec],
+    arrays: dict[str, np.ndarray],
+    format: str = "arrow",
+    zarr_chunk_windows: int = 16,
+    zarr_compression: str | None = None,
+) -> ShardPart:
+    """Write one shard part atomically and return its manifest entry (with checksum)."""
+    if format == "arrow":
+        write_arrow(path, fields, arrays)
+    elif format == "zarr":
+        write_zarr(path, fields, arrays, chunk_windows=zarr_chunk_windows, compression=zarr_compression)
+    else:
+        raise ValueError(f"unknown shard format {format!r}: use arrow or zarr")
+    path = Path(path).absolute()
+    return ShardPart(path=path, format=format, checksum=checksum(path), bytes=disk_bytes(path))
+
+
+def verify_part(part: ShardPart) -> None:
+    """Raise a ``ValueError`` naming the shard when its bytes differ from the manifest's checksum."""
+    if not part.path.exists():
+        raise ValueError(f"shard {str(part.path)!r} is missing")
+    got = checksum(part.path)
+    if got != part.checksum:
+        raise ValueError(f"shard {str(part.path)!r} is corrupted: checksum {got} != {part.checksum} in the manifest; re-run the stage that wrote it")
+
+
+class WindowDataset:
+    """``ds[i]`` -> dict of per-window numpy arrays across all parts (tokens, concepts, ...).
+
+    Checksums are verified before a shard's data is first used: all at construction with
+    ``verify="open"``, or per shard on first access with ``"lazy"``.
+    """
+
+    def __init__(self, manifest: Manifest, split: str, verify: Verify = "lazy", fields: list[str] | None = None):
+        if split not in manifest.splits:
+            raise ValueError(f"manifest {manifest.path}: no split {split!r} (has {sorted(manifest.splits)})")
+        if verify not in ("open", "lazy", "none"):
+            raise ValueError(f"verify must be open, lazy or none, not {verify!r}")
+        unknown = set(fields or []) - set(manifest.fields)
+        if unknown:
+            raise ValueError(f"manifest {manifest.path}: no field(s) {sorted(unknown)} (has {sorted(manifest.fields)})")
+        self.manifest = manifest
+        self.split = split
+        self.verify = verify
+        self.fields = {k: v for k, v in manifest.fields.items() if fields is None or k in fields}
+        wanted_parts = {manifest.field_parts[k] for k in self.fields}
+        self._part_fields = {p: {k: v for k, v in self.fields.items() if manifest.field_parts[k] == p} for p in wanted_parts}
+        self.shards: list[Shard] = manifest.splits[split].shards
+        self._starts = np.cumsum([0] + [s.windows for s in self.shards])
+        self._open: dict[int, list[ArrowShard | ZarrShard]] = {}
+        if verify == "open":
+            for s in self.shards:
+                for p in s.parts.values():
+                    verify_part(p)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _shard(self, k: int) -> list[ArrowShard | ZarrShard]:
+        readers = self._open.get(k)
+        if readers is None:
+            readers = []
+            for pname, pfields in self._part_fields.items():
+                part = self.shards[k].parts[pname]
+                if self.verify == "lazy":
+                    verify_part(part)
+                r = open_shard(part.path, part.format, pfields)
+                if len(r) != self.shards[k].windows:
+                    raise ValueError(f"shard {str(part.path)!r} has {len(r)} windows, the manifest says {self.shards[k].windows}")
+                readers.append(r)
+            self._open[k] = readers
+        return readers
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global window index -> (shard number, index within the shard)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range ({len(self)} windows in split {self.split!r})")
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return k, i - int(self._starts[k])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        k, j = self.locate(int(i))
+        out: dict[str, np.ndarray] = {}
+        for r in self._shard(k):
+            out.update(r[j])
+        return out
+
+    def get_batch(self, indices) -> dict[str, np.ndarray]:
+        """Stack windows ``indices`` into (B, ...) arrays (a copy: the batch is handed to torch)."""
+        rows = [self[int(i)] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+
+    def shard_arrays(self, k: int) -> dict[str, np.ndarray]:
+        """All windows of shard ``k`` (views where the format allows)."""
+        out: dict[str, np.ndarray] = {}
+        for r in self._shard(k):
+            out.update(r.arrays())
+        return out
+
+    def close(self) -> None:
+        for readers in self._open.values():
+            for r in readers:
+                r.close()
+        self._open.clear()
+
+
+def open_split(manifest: Manifest, split: str, verify: Verify = "lazy", fields: list[str] | None = None) -> WindowDataset:
+    return WindowDataset(manifest, split, verify=verify, fields=fields)
