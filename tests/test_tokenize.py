@@ -1,0 +1,138 @@
+"""Stage 1 end to end on small real text with embedded Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.tokenize import TokenizeConfig, in_val, main, run
+from shards import load_manifest, open_split
+from tests.conftest import owt_documents, write_corpus
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+T = 64
+
+
+def stage1(tmp_path, tok, docs, name="out", **kw):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(corpus, docs)
+    kw.setdefault("val_fraction", 0.2)
+    cfg = TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tok), out=str(tmp_path / name), seq_len=T, **kw)
+    return run(cfg)
+
+
+def stream(manifest, split):
+    ds = open_split(manifest, split, verify="open")
+    if len(ds) == 0:
+        return np.zeros(0, dtype=np.int64)
+    w = np.stack([ds[i]["tokens"] for i in range(len(ds))]).astype(np.int64)
+    # Consecutive windows share one token: the last target of window i is the first input of i + 1.
+    assert all(w[i, -1] == w[i + 1, 0] for i in range(len(w) - 1))
+    return np.concatenate([w[0], *[x[1:] for x in w[1:]]])
+
+
+def test_round_trip_and_token_counts(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    docs = owt_documents(40)
+    m = stage1(tmp_path, tiny_tokenizer_dir, docs, shard_mb=0.02)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    eos = m.tokenizer["eos_id"]
+    assert tok.convert_ids_to_tokens(eos) == "<|endoftext|>"
+    for split in ("train", "val"):
+        mine = [d for i, d in enumerate(docs) if in_val(f"corpus.txt:{i}", 0, 0.2) == (split == "val")]
+        expected = np.concatenate([np.append(tok(d, add_special_tokens=False)["input_ids"], eos) for d in mine])
+        s = m.splits[split]
+        got = stream(m, split)
+        # The stream is packed in order; only the tail that cannot fill a window is dropped.
+        np.testing.assert_array_equal(got, expected[: len(got)])
+        assert s.extra["stream_tokens"] == len(expected) == s.windows * T + 1 + s.extra["tail_tokens"]
+        assert s.tokens == s.windows * T and s.extra["documents"] == len(mine)
+        assert s.extra["tail_tokens"] < T + 1
+        # Decoding the windows gives back the documents joined by EOS.
+        text = tok.decode(got.tolist())
+        joined = "<|endoftext|>".join(mine) + "<|endoftext|>"
+        assert joined.startswith(text)
+    assert len(m.splits["train"].shards) > 1  # small shard size forces several shards
+    assert m.corpus["documents"] == 40 and m.stats["tokens_per_s"] > 0
+
+
+def test_split_is_stable_when_documents_are_added():
+    ids = [f"c.txt:{i}" for i in range(5000)]
+    val = {i for i in ids if in_val(i, 0, 0.05)}
+    assert 150 < len(val) < 350
+    more = ids + [f"d.txt:{i}" for i in range(1000)]
+    assert {i for i in more[:5000] if in_val(i, 0, 0.05)} == val
+    assert {i for i in ids if in_val(i, 1, 0.05)} != val  # the seed salts the hash
+
+
+def test_bytes_identical_across_worker_counts_and_formats(tmp_path, tiny_tokenizer_dir):
+    docs = owt_documents(30)
+    a = stage1(tmp_path, tiny_tokenizer_dir, docs, "w1", num_workers=1, batch_chars=2000)
+    b = stage1(tmp_path, tiny_tokenizer_dir, docs, "w3", num_workers=3, batch_chars=5000)
+    z = stage1(tmp_path, tiny_tokenizer_dir, docs, "z", format="zarr", zarr_chunk_windows=4)
+    for split in ("train", "val"):
+        sa = [p.checksum for s in a.splits[split].shards for p in s.parts.values()]
+        sb = [p.checksum for s in b.splits[split].shards for p in s.parts.values()]
+        assert sa == sb
+        np.testing.assert_array_equal(stream(a, split), stream(z, split))
+
+
+def test_rerun_reuses_refuses_and_overwrites(tmp_path, tiny_tokenizer_dir, capsys):
+    docs = owt_documents(10)
+    m1 = stage1(tmp_path, tiny_tokenizer_dir, docs)
+    mtime = m1.path.stat().st_mtime_ns
+    m2 = stage1(tmp_path, tiny_tokenizer_dir, docs)
+    assert m2.path.stat().st_mtime_ns == mtime  # complete and verified: nothing rewritten
+    with pytest.raises(ValueError, match="different dataset"):
+        stage1(tmp_path, tiny_tokenizer_dir, docs, seed=7)
+    m3 = stage1(tmp_path, tiny_tokenizer_dir, docs, seed=7, overwrite=True)
+    assert m3.settings["seed"] == 7
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="different dataset"):
+        stage1(tmp_path, tiny_tokenizer_dir, docs, name="other")
+
+
+def test_bad_corpus_inputs_via_cli(tmp_path, tiny_tokenizer_dir, capsys):
+    out = str(tmp_path / "o")
+    assert main(["--corpus", str(tmp_path / "missing.txt"), "--tokenizer", str(tiny_tokenizer_dir), "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n  \n<|endoftext|>\n")
+    assert main(["--corpus", str(tmp_path / "empty.txt"), "--tokenizer", str(tiny_tokenizer_dir), "--out", out]) == 2
+    assert "no documents (2 empty" in capsys.readouterr().err
+    write_corpus(tmp_path / "tiny.txt", ["hi"])
+    assert main(["--corpus", str(tmp_path / "tiny.txt"), "--tokenizer", str(tiny_tokenizer_dir), "--out", out + "2",
+                 "--val-fraction", "0"]) == 2
+    assert "fewer than one window" in capsys.readouterr().err
+    assert main(["--corpus", str(tmp_path / "tiny.txt"), "--tokenizer", str(tmp_path / "nope"), "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_counts_reach_the_manifest(tmp_path, tiny_tokenizer_dir):
+    c = tmp_path / "corpus.txt"
+    c.write_bytes(b"".join(d.encode() + b"\n<|endoftext|>\n" for d in owt_documents(8)) + b"bad \xff\n<|endoftext|>\n \n<|endoftext|>\n")
+    m = stage1(tmp_path, tiny_tokenizer_dir, None)
+    assert (m.corpus["documents"], m.corpus["utf8_replaced"], m.corpus["skipped_empty"]) == (9, 1, 1)
+    assert load_manifest(m.path).corpus == m.corpus
+
+
+@pytest.mark.slow
+def test_owt_train_with_smollm2(tmp_path):
+    """The issue's acceptance run: the whole OWT train sample with the real SmolLM2 tokenizer."""
+    from pathlib import Path
+
+    from pipeline.teacher import load_tokenizer
+
+    corpus = Path(__file__).resolve().parents[2] / "shared/data/owt-sample/owt_train.txt"
+    if not corpus.exists():
+        pytest.skip("OWT sample not present")
+    m = run(TokenizeConfig(corpus=[str(corpus)], tokenizer="smollm2-135m", out=str(tmp_path / "o"), seq_len=512))
+    tok = load_tokenizer("smollm2-135m")
+    from pipeline.corpus import CorpusConfig, iter_documents
+
+    total = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in iter_documents(CorpusConfig([str(corpus)])))
+    assert sum(s.extra["stream_tokens"] for s in m.splits.values()) == total
+    for s in m.splits.values():
+        assert s.extra["stream_tokens"] == s.windows * 512 + 1 + s.extra["tail_tokens"]
