@@ -78,6 +78,10 @@ class TokenizeConfig:
     """Replace an output directory that holds a different dataset."""
     ray_address: str | None = None
     """Ray cluster address (default: RAY_ADDRESS, a running cluster, else an embedded one)."""
+    in_process: bool = False
+    """Tokenize in the driver process, without Ray (debugging, benchmarks)."""
+    manifest: str | None = None
+    """Also save the manifest here (e.g. manifests/NAME.json), with shard paths relative to it."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -226,7 +230,7 @@ def _batches(pieces: Iterator[Piece], batch_chars: int) -> Iterator[list[Piece]]
 
 def _settings(cfg: TokenizeConfig, tok_info: dict, windows_per_shard: int) -> dict:
     d = asdict(cfg)
-    for k in ("out", "num_workers", "batch_chars", "overwrite", "ray_address", "shard_mb", "tokenizer"):
+    for k in ("out", "num_workers", "batch_chars", "overwrite", "ray_address", "shard_mb", "tokenizer", "manifest", "in_process"):
         d.pop(k)
     d.update(tokenizer=tok_info, windows_per_shard=windows_per_shard)
     return json.loads(json.dumps(d))
@@ -294,6 +298,9 @@ def run(cfg: TokenizeConfig) -> Manifest:
     done = _prepare_out(out, settings, cfg.overwrite)
     if done is not None:
         log.info("%s already holds this dataset (checksums verified); nothing to do", out)
+        if cfg.manifest:
+            done.save(cfg.manifest)
+            done.path = (out / "manifest.json").absolute()
         return done
 
     manifest = Manifest(kind="tokens", seq_len=cfg.seq_len, tokenizer=tok_info, fields={"tokens": spec},
@@ -302,14 +309,21 @@ def run(cfg: TokenizeConfig) -> Manifest:
     stats = CorpusStats()
     corpus_hash = hashlib.sha256()
 
-    mode = init_ray(cfg.ray_address)
-    import ray
+    actors: list = []
+    if cfg.in_process:
+        mode, n_workers = "none", 1
+        encoder = Encoder(encoder_payload(tokenizer))
+        encode = lambda texts_iter: map(encoder.encode, texts_iter)  # noqa: E731
+    else:
+        mode = init_ray(cfg.ray_address)
+        import ray
 
-    n_workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    Actor = _actor_class().options(num_cpus=cpus_per_actor(n_workers))
-    payload = ray.put(encoder_payload(tokenizer))
-    actors = [Actor.remote(payload) for _ in range(n_workers)]
-    log.info("tokenizing with %d actor(s) on %s Ray", n_workers, mode)
+        n_workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        Actor = _actor_class().options(num_cpus=cpus_per_actor(n_workers))
+        payload = ray.put(encoder_payload(tokenizer))
+        actors = [Actor.remote(payload) for _ in range(n_workers)]
+        encode = lambda texts_iter: ordered_map(actors, "encode", texts_iter)  # noqa: E731
+    log.info("tokenizing with %d worker(s) (Ray: %s)", n_workers, mode)
 
     t0 = time.perf_counter()
     tokens = 0
@@ -323,7 +337,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
     bar = tqdm(unit="doc", desc="stage 1", dynamic_ncols=True, file=sys.stderr)
     try:
-        for ids_list in ordered_map(actors, "encode", texts(batches)):
+        for ids_list in encode(texts(batches)):
             batch = pending_batches.pop(0)
             for piece, ids in zip(batch, ids_list, strict=True):
                 corpus_hash.update(piece.doc_id.encode() + b"\0" + piece.text.encode() + b"\0")
@@ -335,8 +349,11 @@ def run(cfg: TokenizeConfig) -> Manifest:
             bar.set_postfix(tokens=f"{tokens:,}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
+        if actors:
+            import ray
+
+            for a in actors:
+                ray.kill(a)
     if stats.documents == 0:
         raise ValueError(
             f"corpus {cfg.corpus} has no documents ({stats.skipped_empty} empty, "
@@ -353,6 +370,8 @@ def run(cfg: TokenizeConfig) -> Manifest:
     manifest.corpus = {"sources": list(cfg.corpus), "fingerprint": "sha256:" + corpus_hash.hexdigest()[:16], **stats.to_json()}
     manifest.stats = {"wall_s": round(elapsed, 2), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                       "num_workers": n_workers, "ray": mode}
+    if cfg.manifest:
+        manifest.save(cfg.manifest)
     manifest.save(out / "manifest.json")
     (out / SETTINGS_FILE).unlink(missing_ok=True)
     return manifest
@@ -381,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zarr-chunk-windows", type=int, default=d.zarr_chunk_windows, help="windows per Zarr chunk")
     p.add_argument("--zarr-compression", choices=["none", "zstd"], default=d.zarr_compression, help="Zarr compression")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory holding another dataset")
+    p.add_argument("--in-process", action="store_true", help="tokenize in this process, without Ray")
+    p.add_argument("--manifest", default=None, help="also save the manifest here (e.g. manifests/NAME.json)")
     p.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, running cluster, or embedded; 'local' forces embedded)")
     return p
 

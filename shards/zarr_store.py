@@ -8,6 +8,7 @@ edge chunks padded to full size), and a compressed shard is decompressed once, w
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -71,7 +72,10 @@ class _DirectArray:
             expected = self.cw * self.spec.nbytes
             if not f.is_file() or f.stat().st_size != expected:
                 raise ValueError(f"shard {str(self.root)!r}: chunk {f.name} of {self.name!r} is missing or truncated")
-            chunk = np.memmap(f, dtype=self.spec.storage_dtype, mode="r").reshape(self.cw, *self.spec.shape)
+            with open(f, "rb") as fh:
+                # A plain ndarray over the map: np.memmap's subclass overhead costs ~4 us per index.
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            chunk = np.frombuffer(mm, dtype=self.spec.storage_dtype).reshape(self.cw, *self.spec.shape)
             self._chunks[c] = chunk
         return chunk
 

@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make demo` and `make test` create the environment when it is
+# missing, install, and run. VENV=/path/to/env reuses another environment (its torch is kept).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/demo
+CORPUS ?=
+
+.PHONY: install test test-slow demo lint bench clean
+
+$(VENV)/.cocomix-installed: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
+	touch $@
+
+install: $(VENV)/.cocomix-installed
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+demo: install
+	$(PY) -m pipeline.demo --run $(RUN) $(if $(CORPUS),--corpus $(CORPUS))
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install
+	$(PY) bench/store.py
+	$(PY) bench/tokenize.py
+
+clean:
+	rm -rf $(RUN) .pytest_cache
