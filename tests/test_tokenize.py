@@ -71,11 +71,11 @@ def test_bytes_identical_across_worker_counts_and_formats(tmp_path, tiny_tokeniz
     docs = owt_documents(30)
     a = stage1(tmp_path, tiny_tokenizer_dir, docs, "w1", num_workers=1, batch_chars=2000)
     b = stage1(tmp_path, tiny_tokenizer_dir, docs, "w3", num_workers=3, batch_chars=5000)
+    c = stage1(tmp_path, tiny_tokenizer_dir, docs, "local", in_process=True)
     z = stage1(tmp_path, tiny_tokenizer_dir, docs, "z", format="zarr", zarr_chunk_windows=4)
     for split in ("train", "val"):
-        sa = [p.checksum for s in a.splits[split].shards for p in s.parts.values()]
-        sb = [p.checksum for s in b.splits[split].shards for p in s.parts.values()]
-        assert sa == sb
+        sums = [[p.checksum for s in m.splits[split].shards for p in s.parts.values()] for m in (a, b, c)]
+        assert sums[0] == sums[1] == sums[2]
         np.testing.assert_array_equal(stream(a, split), stream(z, split))
 
 
