@@ -70,7 +70,7 @@ def main() -> None:
     }
     print(f"wrote {len(stores)} stores of {a.windows} windows in {time.perf_counter() - t:.1f} s")
     memmaps = {}
-    for k, f in FIELDS.items():
+    for k in FIELDS:
         path = root / f"{k}.npy"
         np.save(path, w[k])
         memmaps[k] = np.load(path, mmap_mode="r")
