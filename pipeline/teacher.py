@@ -81,15 +81,40 @@ def _source_kwargs(src: TeacherSource) -> dict[str, Any]:
     return {"gguf_file": src.gguf_file} if src.gguf_file else {}
 
 
+def cache_dir() -> Path:
+    """Where converted artefacts are cached (``COCOMIX_CACHE``, default ``~/.cache/cocomix``)."""
+    return Path(os.environ.get("COCOMIX_CACHE", Path.home() / ".cache" / "cocomix"))
+
+
 def load_tokenizer(name: str | TeacherSource):
-    """Load only the tokenizer of a teacher (stage 1 never needs the weights)."""
+    """Load only the tokenizer of a teacher (stage 1 never needs the weights).
+
+    A GGUF tokenizer is rebuilt from the file's metadata, which takes 5-15 s (gguf-py walks all of
+    it); the converted tokenizer is cached, keyed by the file's path, size and mtime.
+    """
     from transformers import AutoTokenizer
 
     src = name if isinstance(name, TeacherSource) else resolve_teacher(name)
+    cached = None
+    if src.gguf_file:
+        f = Path(src.path) / src.gguf_file
+        st = f.stat()
+        key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = cache_dir() / "tokenizers" / f"{f.stem}-{key}"
+        if (cached / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
     try:
-        return AutoTokenizer.from_pretrained(src.path, **_source_kwargs(src))
+        tok = AutoTokenizer.from_pretrained(src.path, **_source_kwargs(src))
     except OSError as e:
         raise ValueError(f"could not load the tokenizer of teacher {src.name!r}: {e}") from e
+    if cached is not None:
+        try:
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            tok.save_pretrained(tmp)
+            os.replace(tmp, cached)
+        except OSError:  # a read-only home: no cache, still correct
+            pass
+    return tok
 
 
 def load_teacher(name: str | TeacherSource, device: str = "cpu", dtype: str = "float32"):
