@@ -12,17 +12,31 @@ from pathlib import Path
 import pytest
 
 OWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "owt-sample"
-_FALLBACK = (
-    "The quick brown fox jumps over the lazy dog. Language models learn from text.\n\n"
-    "Sparse autoencoders find concepts in the residual stream of a transformer.\n"
-)
+_WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
+    "language model concept sparse teacher student token window residual stream layer attention network training "
+    "data text city river government people year new first time world state school music water market"
+).split()
+
+
+def _synthetic_document(i: int) -> str:
+    import random
+
+    rng = random.Random(i)
+    lines = []
+    for _ in range(rng.randint(20, 60)):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        lines.append(" ".join(words).capitalize() + ".")
+        if rng.random() < 0.2:
+            lines.append("")
+    return "\n".join(lines).strip()
 
 
 def owt_documents(n: int, split: str = "valid") -> list[str]:
-    """The first ``n`` documents of the OpenWebText sample (synthetic text if it is not present)."""
+    """The first ``n`` documents of the OpenWebText sample (synthetic text where it is absent)."""
     path = OWT / f"owt_{split}.txt"
     if not path.is_file():
-        return [f"Document {i}. " + _FALLBACK * (1 + i % 5) for i in range(n)]
+        return [_synthetic_document(i) for i in range(n)]
     docs, cur = [], []
     with open(path, encoding="utf-8") as f:
         for line in f:
