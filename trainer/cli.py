@@ -1,0 +1,58 @@
+"""argparse from a config dataclass: one flag per field, its docstring as the help text."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each annotated field of a dataclass (attribute docstrings)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")  # argparse formats help
+    return docs
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X | None``."""
+    args = get_args(tp)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_ = docs.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_ + (f" (default: {default})" if default not in ("", None) else "")}
+        if get_origin(tp) is Literal:
+            kw["choices"] = list(get_args(tp))
+            kw["type"] = str
+        else:
+            kw["type"] = tp
+        if f.name in required:
+            kw["required"] = True
+        parser.add_argument(flag, **kw)
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
