@@ -28,7 +28,7 @@ lint: install
 
 bench: install
 	$(PY) bench/store.py
-	$(PY) bench/tokenize.py
+	$(PY) bench/stage1.py
 
 clean:
 	rm -rf $(RUN) .pytest_cache

@@ -18,23 +18,16 @@ Only this bench imports transformers (for the reference teacher); the trainer ne
 
 from __future__ import annotations
 
-import os
+import argparse
+import contextlib
+import json
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# `python bench/train.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize (imported by inspect, hence by torch and numpy): drop that entry.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards import load_manifest, open_split  # noqa: E402

@@ -1,6 +1,6 @@
 """Stage-1 throughput: a plain single-process loop vs 1 vs 2 Ray tokenizer actors, same corpus.
 
-    python bench/tokenize.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512]
+    python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512]
 
 Tokens/s counts documents' tokens plus EOS, from the first batch to the last window written (the
 driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is included). All
@@ -9,18 +9,12 @@ runs must produce byte-identical shards; the script checks that too.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
-
-# This file's name shadows the standard library's `tokenize` (imported by logging, linecache, ...):
-# take this folder off the import path before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.raylib import init_ray  # noqa: E402
