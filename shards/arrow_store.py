@@ -87,6 +87,13 @@ class ArrowShard:
         j = i - self._starts[b]
         return {k: v[j] for k, v in self._views[b].items()}
 
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Windows ``idx`` (local indices) stacked, with one fancy-index copy per field."""
+        if len(self._views) == 1:
+            return {k: v[idx] for k, v in self._views[0].items()}
+        rows = [self[int(i)] for i in idx]
+        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+
     def close(self) -> None:
         self._views.clear()
         self._mmap.close()

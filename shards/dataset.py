@@ -115,9 +115,21 @@ class WindowDataset:
         return out
 
     def get_batch(self, indices) -> dict[str, np.ndarray]:
-        """Stack windows ``indices`` into (B, ...) arrays (a copy: the batch is handed to torch)."""
-        rows = [self[int(i)] for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+        """Stack windows ``indices`` into (B, ...) arrays (a copy: the batch is handed to torch).
+
+        Indices are grouped by shard and each group is read with one fancy index per field."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"window index out of range ({len(self)} windows in split {self.split!r})")
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        out = {k: np.empty((len(idx), *v.shape), v.storage_dtype) for k, v in self.fields.items()}
+        for k in np.unique(shard_of):
+            sel = np.nonzero(shard_of == k)[0]
+            local = idx[sel] - self._starts[k]
+            for r in self._shard(int(k)):
+                for name, arr in r.take(local).items():
+                    out[name][sel] = arr
+        return out
 
     def shard_arrays(self, k: int) -> dict[str, np.ndarray]:
         """All windows of shard ``k`` (views where the format allows)."""

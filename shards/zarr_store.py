@@ -148,6 +148,15 @@ class ZarrShard:
             self._load_compressed()
         return {k: (self._loaded[k][i] if k in self._loaded else self._direct[k][i]) for k in self.fields}
 
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Windows ``idx`` (local indices) stacked."""
+        if self._compressed:
+            self._load_compressed()
+        out = {k: v[idx] for k, v in self._loaded.items()}
+        for k, arr in self._direct.items():
+            out[k] = np.stack([arr[int(i)] for i in idx]) if len(idx) else np.zeros((0, *arr.spec.shape), arr.spec.storage_dtype)
+        return out
+
     def close(self) -> None:
         self._direct.clear()
         self._loaded.clear()
