@@ -29,6 +29,9 @@ lint: install
 bench: install
 	$(PY) bench/store.py
 	$(PY) bench/stage1.py
+	$(PY) bench/sae.py
+	$(PY) bench/extract.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(RUN) .pytest_cache

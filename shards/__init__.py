@@ -12,10 +12,12 @@ from .checksum import checksum
 from .dataset import WindowDataset, open_shard, open_split, verify_part, write_shard
 from .fields import FieldSpec, id_dtype, token_dtype
 from .manifest import Manifest, Shard, ShardPart, Split, load_manifest, validate
+from .writer import PartWriter
 
 __all__ = [
     "FieldSpec",
     "Manifest",
+    "PartWriter",
     "Shard",
     "ShardPart",
     "Split",

@@ -13,27 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_path
-from .fields import FieldSpec, check_window_arrays
+from .fields import FieldSpec
 
 _META_KEY = b"cocomix.fields"
-
-
-def write_arrow(path: str | os.PathLike, fields: dict[str, FieldSpec], arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` (each of shape (n, *field.shape)) to an Arrow IPC file, atomically."""
-    n = check_window_arrays(fields, arrays)
-    columns, names = [], []
-    for name, spec in fields.items():
-        flat = np.ascontiguousarray(arrays[name], dtype=spec.storage_dtype).reshape(-1)
-        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), spec.numel))
-        names.append(name)
-    meta = {_META_KEY: json.dumps({k: v.to_json() for k, v in fields.items()}).encode()}
-    batch = pa.RecordBatch.from_arrays(columns, names=names)
-    schema = batch.schema.with_metadata(meta)
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, schema) as writer:
-            if n:
-                writer.write_batch(batch)
 
 
 class ArrowShard:
@@ -88,11 +70,16 @@ class ArrowShard:
         return {k: v[j] for k, v in self._views[b].items()}
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Windows ``idx`` (local indices) stacked, with one fancy-index copy per field."""
+        """Windows ``idx`` (local indices) stacked, one fancy-index copy per field and record batch."""
         if len(self._views) == 1:
             return {k: v[idx] for k, v in self._views[0].items()}
-        rows = [self[int(i)] for i in idx]
-        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+        batch_of = np.searchsorted(self._starts, idx, side="right") - 1
+        out = {k: np.empty((len(idx), *s.shape), s.storage_dtype) for k, s in self.fields.items()}
+        for b in np.unique(batch_of):
+            sel = np.nonzero(batch_of == b)[0]
+            for k, v in self._views[b].items():
+                out[k][sel] = v[idx[sel] - self._starts[b]]
+        return out
 
     def close(self) -> None:
         self._views.clear()

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from .arrow_store import ArrowShard, write_arrow
-from .checksum import checksum, disk_bytes
-from .fields import FieldSpec
+from .arrow_store import ArrowShard
+from .checksum import checksum
+from .fields import FieldSpec, check_window_arrays
 from .manifest import Manifest, Shard, ShardPart
-from .zarr_store import ZarrShard, write_zarr
+from .writer import PartWriter
+from .zarr_store import ZarrShard
 
 Verify = Literal["open", "lazy", "none"]
 
@@ -33,15 +33,17 @@ def write_shard(
     zarr_chunk_windows: int = 16,
     zarr_compression: str | None = None,
 ) -> ShardPart:
-    """Write one shard part atomically and return its manifest entry (with checksum)."""
-    if format == "arrow":
-        write_arrow(path, fields, arrays)
-    elif format == "zarr":
-        write_zarr(path, fields, arrays, chunk_windows=zarr_chunk_windows, compression=zarr_compression)
-    else:
-        raise ValueError(f"unknown shard format {format!r}: use arrow or zarr")
-    path = Path(path).absolute()
-    return ShardPart(path=path, format=format, checksum=checksum(path), bytes=disk_bytes(path))
+    """Write one shard part atomically (one Arrow record batch) and return its manifest entry."""
+    n = check_window_arrays(fields, arrays)
+    writer = PartWriter(path, fields, n, format=format, rows_per_batch=max(1, n),
+                        zarr_chunk_windows=zarr_chunk_windows, zarr_compression=zarr_compression)
+    try:
+        if n:
+            writer.append({k: np.asarray(arrays[k], dtype=spec.storage_dtype) for k, spec in fields.items()})
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def verify_part(part: ShardPart) -> None:

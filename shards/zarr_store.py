@@ -14,43 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .fields import FieldSpec, check_window_arrays
+from .fields import FieldSpec
 
 _ATTR_KEY = "cocomix.fields"
-
-
-def write_zarr(
-    path: str | os.PathLike,
-    fields: dict[str, FieldSpec],
-    arrays: dict[str, np.ndarray],
-    chunk_windows: int = 16,
-    compression: str | None = None,
-) -> None:
-    """Write ``arrays`` as a Zarr v3 group, atomically. ``compression``: None or ``zstd``."""
-    import zarr
-    from zarr.codecs import ZstdCodec
-
-    n = check_window_arrays(fields, arrays)
-    if compression not in (None, "zstd"):
-        raise ValueError(f"zarr compression {compression!r} is not supported: use none or zstd")
-    compressors = [ZstdCodec(level=3)] if compression else None
-    with atomic_path(path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs[_ATTR_KEY] = {k: v.to_json() for k, v in fields.items()}
-        for name, spec in fields.items():
-            arr = group.create_array(
-                name,
-                shape=(n, *spec.shape),
-                chunks=(max(1, min(chunk_windows, n)), *spec.shape),
-                dtype=spec.storage_dtype,
-                compressors=compressors,
-                fill_value=0,
-                # Every chunk on disk, so the direct reader never has to guess what a gap means.
-                config={"write_empty_chunks": True},
-            )
-            if n:
-                arr[:] = np.asarray(arrays[name], dtype=spec.storage_dtype)
 
 
 class _DirectArray:

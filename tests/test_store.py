@@ -204,3 +204,34 @@ def test_missing_shard_and_wrong_fields(tmp_path):
     # A shard whose stored fields differ from what the reader expects.
     with pytest.raises(ValueError, match="field 'tokens'"):
         ArrowShard(m.splits["train"].shards[1].parts["concepts"].path, {"tokens": FIELDS["tokens"]})
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "zarr"])
+def test_streaming_writer_bytes_do_not_depend_on_append_sizes(tmp_path, fmt):
+    from shards import PartWriter, checksum
+
+    w = random_windows(50)
+    sums = []
+    for j, sizes in enumerate([(50,), (1, 20, 29), (7,) * 7 + (1,)]):
+        writer = PartWriter(tmp_path / f"s{j}.{fmt}", FIELDS, 50, format=fmt, rows_per_batch=16, zarr_chunk_windows=4)
+        start = 0
+        for n in sizes:
+            writer.append({k: v[start : start + n] for k, v in w.items()})
+            start += n
+        part = writer.close()
+        sums.append(part.checksum)
+        assert part.checksum == checksum(part.path)
+    assert sums[0] == sums[1] == sums[2]
+    m = Manifest(kind="tokens", seq_len=T, tokenizer=TOKENIZER, fields=FIELDS, field_parts={k: "all" for k in FIELDS})
+    m.add_shard("train", 50, {"all": part})
+    ds = open_split(m, "train")
+    idx = [49, 0, 16, 15, 33, 33]
+    batch = ds.get_batch(idx)  # several record batches: grouped fancy indexing
+    for f in FIELDS:
+        np.testing.assert_array_equal(batch[f], w[f][idx])
+        np.testing.assert_array_equal(ds[17][f], w[f][17])
+    with pytest.raises(ValueError, match="announced"):
+        bad = PartWriter(tmp_path / f"bad.{fmt}", FIELDS, 3, format=fmt)
+        bad.append({k: v[:2] for k, v in w.items()})
+        bad.close()
+    assert not list(tmp_path.glob(".bad*"))  # the temporary output is gone

@@ -174,3 +174,15 @@ def test_tensorboard_without_the_package_says_how_to_install(data, tmp_path):
         return
     with pytest.raises(ValueError, match="pip install tensorboard"):
         train(cfg(data, tmp_path / "o", tensorboard=True))
+
+
+def test_unfinished_extraction_is_refused(data):
+    from shards import load_manifest
+
+    man = load_manifest(data)
+    tc = cfg(data, Path("/tmp/unused"))
+    mc = build_model_config(tc, man)
+    check_manifest(tc, man, mc)  # the synthetic manifest is complete
+    man.stats["complete"] = False  # what stage 2 writes until its last shard is in
+    with pytest.raises(ValueError, match="has not finished"):
+        check_manifest(tc, man, mc)

@@ -67,6 +67,9 @@ def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
         }.get(cfg.mode, "")
         what = f"--mode {cfg.mode}" + (f" --labels {cfg.labels}" if cfg.mode == "cocomix" else "")
         e.append(f"{what} needs field(s) {missing}, the manifest has {sorted(manifest.fields)}: {hint}")
+    if manifest.kind == "concepts" and manifest.stats.get("complete") is False:
+        e.append("the extraction that wrote this manifest has not finished (stats.complete is false): "
+                 "rerun the same extraction command, which resumes where it stopped")
     if "train" not in manifest.splits or manifest.splits["train"].windows == 0:
         e.append("the manifest has no train windows")
     if cfg.eval_windows > 0 and "val" not in manifest.splits:

@@ -1,0 +1,52 @@
+"""Kill -9 of the extraction driver (and its embedded Ray) mid-run, then the same command again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.concepts import run
+from shards import load_manifest
+from tests.test_extract import all_bytes, config
+from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
+from tests.test_extract_resume import reference as reference  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_kill_9_of_the_driver_then_rerun(data, tiny_teacher_dir, reference):  # noqa: F811
+    """The real thing: `python pipeline/extract.py` killed with SIGKILL (with its embedded Ray)."""
+    cfg = config(data, tiny_teacher_dir, out=str(data / "killed"), batch_size=1)
+    argv = [sys.executable, str(REPO / "pipeline" / "extract.py"), "--tokens", cfg.tokens, "--teacher", cfg.teacher,
+            "--sae", cfg.sae, "--out", cfg.out, "--k-mix", "4", "--k-kd", "2", "--batch-size", "1",
+            "--ray-address", "local"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_mid_run = False
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                m = load_manifest(cfg.manifest_path)
+                if any(s.shards for s in m.splits.values()):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_mid_run = not m.stats.get("complete", False)
+                    break
+            except ValueError:
+                pass  # not written yet
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_mid_run, "the run ended before it could be killed (or never wrote a shard)"
+    m = run(cfg)
+    assert all_bytes(cfg.concept_dir) == reference
+    assert 0 < m.stats["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
