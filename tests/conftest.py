@@ -98,3 +98,14 @@ def ray_local():
 
     init_ray("local", num_cpus=2)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: extra threads only add contention on a shared machine; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,14 +12,7 @@ from trainer.concept import ConceptBlock, dense_reference
 from trainer.config import ConceptConfig, ModelConfig, get_preset
 from trainer.model import GPT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add contention on a shared machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(mix: str = "interleave", dropout: float = 0.0, **kw) -> ModelConfig:

@@ -10,14 +10,7 @@ from trainer.config import ConceptConfig, ModelConfig
 from trainer.generate import generate, parse_steer
 from trainer.model import GPT, KVCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add contention on a shared machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(mix: str | None) -> GPT:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.teacher import load_tokenizer, resolve_teacher, separator_token_id, tokenizer_fingerprint
+from pipeline.teacher import (
+    load_tokenizer,
+    resolve_teacher,
+    separator_token_id,
+    tokenizer_fingerprint,
+)
 
 
 def test_resolution_of_each_spelling(tmp_path, tiny_teacher_dir):

@@ -7,20 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tests.conftest import owt_documents, write_corpus
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
 T = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

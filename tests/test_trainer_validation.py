@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainer.config import ModelConfig, TrainConfig
 from trainer.loop import train
@@ -15,14 +14,7 @@ from trainer.run import main as run_main
 from trainer.synthetic import write_manifest
 from trainer.validate import build_model_config, check_manifest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add contention on a shared machine; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
