@@ -30,6 +30,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     if address != "local":
         try:
             ray.init(address="auto", runtime_env=runtime_env)
+            # "auto" also finds another job's embedded Ray on this machine, which ends with that job.
+            log.warning("connected to the running Ray cluster at %s; pass --ray-address local for a private "
+                        "embedded one", ray.get_runtime_context().gcs_address)
             return "cluster"
         except (ConnectionError, RuntimeError):
             pass

@@ -145,7 +145,7 @@ def test_run_configuration_errors(data, tmp_path):
         cfg(data, tmp_path / "o", mode="ntp", mix="add")
     with pytest.raises(ValueError, match="unknown preset"):
         train(cfg(data, tmp_path / "o", preset="huge"))
-    with pytest.raises(ValueError, match="no val split"):
+    with pytest.raises(ValueError, match="no val windows"):
         m = write_manifest(tmp_path / "nv", windows=8, val_windows=0, seq_len=8, vocab=64, n_concepts=32)
         j = json.loads(m.read_text())
         j["splits"].pop("val", None)
@@ -166,6 +166,16 @@ def test_tensorboard_without_the_package_says_how_to_install(data, tmp_path):
         return
     with pytest.raises(ValueError, match="pip install tensorboard"):
         train(cfg(data, tmp_path / "o", tensorboard=True))
+
+
+def test_empty_val_split_is_refused_when_evaluating(tmp_path):
+    m = write_manifest(tmp_path / "ev", windows=8, val_windows=0, seq_len=8, vocab=64, n_concepts=32)
+    j = json.loads(m.read_text())
+    j["splits"]["val"] = {"windows": 0, "tokens": 0, "shards": []}  # what stage 1 writes for a tiny corpus
+    m.write_text(json.dumps(j))
+    with pytest.raises(ValueError, match="no val windows"):
+        train(cfg(m, tmp_path / "o", micro_batch=2))
+    train(cfg(m, tmp_path / "o2", micro_batch=2, eval_windows=0))  # fine without evaluation
 
 
 def test_unfinished_extraction_is_refused(data):

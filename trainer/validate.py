@@ -72,8 +72,8 @@ def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
                  "rerun the same extraction command, which resumes where it stopped")
     if "train" not in manifest.splits or manifest.splits["train"].windows == 0:
         e.append("the manifest has no train windows")
-    if cfg.eval_windows > 0 and "val" not in manifest.splits:
-        e.append("the manifest has no val split: extract one or pass --eval-windows 0")
+    if cfg.eval_windows > 0 and ("val" not in manifest.splits or manifest.splits["val"].windows == 0):
+        e.append("the manifest has no val windows: tokenize with a larger --val-fraction or pass --eval-windows 0")
     vocab = int(manifest.tokenizer["vocab_size"])
     if model.vocab_size < vocab:
         e.append(f"model vocab_size {model.vocab_size} < tokenizer vocab_size {vocab} of the manifest")
