@@ -148,7 +148,8 @@ def run(a: argparse.Namespace) -> int:
 
     t = step(2, 6, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}")
     sae_dir = run_dir / "sae"
-    if (sae_dir / "summary.json").is_file():
+    fresh_sae = not (sae_dir / "summary.json").is_file()
+    if not fresh_sae:
         print(f"reusing {sae_dir}")
         sae_summary = json.loads((sae_dir / "summary.json").read_text())
     else:
@@ -160,10 +161,11 @@ def run(a: argparse.Namespace) -> int:
     walls["SAE"] = time.perf_counter() - t
 
     t = step(3, 6, "stage 2: teacher + SAE -> concept labels (Ray)")
+    # A freshly trained SAE replaces the labels of an earlier one under the same manifest name.
     concept_manifest = mdir / "demo.json"
     if concepts.main(["--tokens", str(run_dir / "tokens"), "--teacher", a.teacher, "--sae", str(sae_dir),
                       "--out", str(run_dir), "--manifest", str(concept_manifest), "--k-mix", str(a.sae_k),
-                      "--ray-address", a.ray_address]) != 0:
+                      "--ray-address", a.ray_address] + (["--overwrite"] if fresh_sae else [])) != 0:
         raise ValueError("stage 2 failed (see above)")
     m = load_manifest(concept_manifest)
     walls["stage 2"] = time.perf_counter() - t
