@@ -20,17 +20,12 @@ CPU): each shard is computed by one worker, each window's numbers do not depend 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
 import sys
-import textwrap
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +36,7 @@ import torch
 from pipeline.extract_worker import ExtractWorker, Progress, ShardJob, ShardResult
 from pipeline.runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from shards import Manifest, ShardPart, checksum, load_manifest, open_shard
+from shards.cli import add_dataclass_args, dataclass_from_args
 
 log = logging.getLogger("pipeline.extract")
 EXTRACTION_FILE = "extraction.json"  # the settings of the extraction a concept directory holds
@@ -549,47 +545,17 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict, n_workers: int, save) ->
 # -- CLI -----------------------------------------------------------------------------------------
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (it becomes the --help text)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")  # type: ignore[union-attr]
-    return docs
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ExtractConfig field, typed from its annotation, documented by its docstring."""
-    p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, hints = _field_docs(ExtractConfig), typing.get_type_hints(ExtractConfig)
-    for f in dataclasses.fields(ExtractConfig):
-        tp = hints[f.name]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            tp = args[0]
-        kw: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "")}
-        if f.default is dataclasses.MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = f.default
-        if tp is bool:
-            kw["action"] = "store_true"
-        elif typing.get_origin(tp) is Literal:
-            kw["choices"] = list(typing.get_args(tp))
-        elif typing.get_origin(tp) is list:
-            kw["nargs"] = "+"
-        else:
-            kw["type"] = tp
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, ExtractConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = ExtractConfig(**vars(build_parser().parse_args(argv)))
+        cfg = dataclass_from_args(ExtractConfig, build_parser().parse_args(argv))
         m = run(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

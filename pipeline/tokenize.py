@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from shards import FieldSpec, Manifest, Split, load_manifest, token_dtype, verify_part, write_shard
+from shards.cli import add_dataclass_args, dataclass_from_args
 
 from .corpus import CorpusConfig, CorpusStats, Piece, iter_pieces
 
@@ -77,7 +78,7 @@ class TokenizeConfig:
     overwrite: bool = False
     """Replace an output directory that holds a different dataset."""
     ray_address: str | None = None
-    """Ray cluster address (default: RAY_ADDRESS, a running cluster, else an embedded one)."""
+    """Ray address (default: RAY_ADDRESS, a running cluster, else embedded; 'local' forces embedded)."""
     in_process: bool = False
     """Tokenize in the driver process, without Ray (debugging, benchmarks)."""
     manifest: str | None = None
@@ -378,37 +379,13 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = TokenizeConfig(corpus=["x"], tokenizer="x", out="x")
-    p.add_argument("--corpus", nargs="+", required=True, help="files, directories, globs, saved HF datasets or hf:NAME")
-    p.add_argument("--tokenizer", required=True, help="HF hub id, model directory, .gguf file, or smollm2-135m")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="predicted tokens per window (windows hold seq_len + 1)")
-    p.add_argument("--format", choices=["arrow", "zarr"], default=d.format, help="shard format")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of documents in the val split")
-    p.add_argument("--seed", type=int, default=d.seed, help="salt of the split hash")
-    p.add_argument("--shard-mb", type=float, default=d.shard_mb, help="target shard size (MB)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="tokenizer actors (0: one per CPU)")
-    p.add_argument("--batch-chars", type=int, default=d.batch_chars, help="characters of text per actor call")
-    p.add_argument("--eos-token", default=None, help="document separator token (default <|endoftext|> or EOS)")
-    p.add_argument("--text-field", default=d.text_field, help="JSONL field / Parquet or HF column with the text")
-    p.add_argument("--delimiter", default=d.delimiter, help="line separating documents in text files")
-    p.add_argument("--doc-per-file", action="store_true", help="each text file is one document")
-    p.add_argument("--skip-bad-records", action="store_true", help="skip and count bad JSONL lines instead of failing")
-    p.add_argument("--hf-split", default=d.hf_split, help="split of a HF dataset")
-    p.add_argument("--zarr-chunk-windows", type=int, default=d.zarr_chunk_windows, help="windows per Zarr chunk")
-    p.add_argument("--zarr-compression", choices=["none", "zstd"], default=d.zarr_compression, help="Zarr compression")
-    p.add_argument("--overwrite", action="store_true", help="replace an output directory holding another dataset")
-    p.add_argument("--in-process", action="store_true", help="tokenize in this process, without Ray")
-    p.add_argument("--manifest", default=None, help="also save the manifest here (e.g. manifests/NAME.json)")
-    p.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, running cluster, or embedded; 'local' forces embedded)")
+    p = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, TokenizeConfig)
     return p
 
 
 def config_from_args(argv: list[str] | None = None) -> TokenizeConfig:
-    a = build_parser().parse_args(argv)
-    return TokenizeConfig(**{k: v for k, v in vars(a).items()})
+    return dataclass_from_args(TokenizeConfig, build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

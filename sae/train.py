@@ -45,6 +45,7 @@ from sae.data import (
 from sae.hooks import LOCATIONS, HookSpec, check_sae_matches_model, hidden_size
 from sae.io import save_sae
 from sae.model import SparseAutoencoder
+from shards.cli import add_dataclass_args, dataclass_from_args
 
 
 @dataclass
@@ -389,33 +390,14 @@ class Trainer:
 # ---------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from TrainConfig: one per field, help = the field's docstring."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)
     p = argparse.ArgumentParser(prog="python -m sae.train", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{docs.get(f.name, '')} (default: {default})"
-        if f.type in ("bool",):
-            p.add_argument(flag, action="store_true", help=docs.get(f.name, ""))
-        elif f.name == "corpus":
-            p.add_argument(flag, nargs="+", default=[], help=helptext)
-        else:
-            typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}[f.type]
-            p.add_argument(flag, type=typ, default=default, help=helptext)
+    add_dataclass_args(p, TrainConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    cfg = dataclass_from_args(TrainConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     summary = Trainer(cfg).run()

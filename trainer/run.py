@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from trainer.cli import add_dataclass_args, dataclass_from_args
+from shards.cli import add_dataclass_args, dataclass_from_args
 from trainer.config import TrainConfig
 
 

@@ -1,4 +1,10 @@
-"""argparse from a config dataclass: one flag per field, its docstring as the help text."""
+"""argparse from a config dataclass: one flag per field, its docstring as the help text.
+
+Shared by every command (stage 1, stage 2, SAE training, the trainer) so their flags behave alike:
+``--field-name`` per field; ``X | None`` takes an X; ``list[X]`` takes one or more values;
+``Literal[...]`` gives choices; ``bool`` gives ``--flag`` / ``--no-flag``; a field without a default
+is required. Standard library only, like the rest of ``shards``.
+"""
 
 from __future__ import annotations
 
@@ -23,34 +29,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) for ``X | None``."""
+def _unwrap(tp: Any) -> Any:
+    """The inner type of ``X | None``."""
     args = get_args(tp)
     if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _unwrap(hints[f.name])
+        tp = _unwrap(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_ = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help_ + (f" (default: {default})" if default not in ("", None) else "")}
+        shown = has_default and default not in ("", None, [])
+        kw: dict[str, Any] = {"dest": f.name, "help": help_ + (f" (default: {default})" if shown else "")}
+        if has_default:
+            kw["default"] = default
+        if not has_default or f.name in required:
+            kw["required"] = True
         if get_origin(tp) is Literal:
             kw["choices"] = list(get_args(tp))
             kw["type"] = str
+        elif get_origin(tp) is list:
+            kw["nargs"] = "+"
+            kw["type"] = get_args(tp)[0]
         else:
             kw["type"] = tp
-        if f.name in required:
-            kw["required"] = True
         parser.add_argument(flag, **kw)
 
 
