@@ -4,8 +4,8 @@
 
 Documents stream from the corpus readers in a fixed order; Ray actors tokenize batches of them (the
 tokenizer is built once per actor); the driver gets the results back in order, appends an EOS after
-every document, routes each document to train or val by a hash of its id, and packs each split's
-token stream into windows. Window i covers stream tokens [i*T, i*T + T] (T = seq_len): consecutive
+every document, routes each document to train or val by a hash of its id (or, with ``--val-corpus``,
+by the corpus it came from), and packs each split's token stream into windows. Window i covers stream tokens [i*T, i*T + T] (T = seq_len): consecutive
 windows share one token, so every token after the first is a target exactly once (nanoGPT-style
 contiguous packing). The tail of a split's stream that cannot fill a last window is dropped and
 counted (``tail_tokens``). Because order is fixed and packing happens in one place, the shards are
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -51,6 +52,9 @@ class TokenizeConfig:
     """Shard format: arrow (memory-mapped IPC, fastest for training) or zarr (v3, chunked)."""
     val_fraction: float = 0.005
     """Fraction of documents in the validation split, chosen by a hash of the document id."""
+    val_corpus: list[str] | None = None
+    """A held-out corpus whose documents form the val split (e.g. owt_valid.txt); every document
+    of --corpus then goes to train and --val-fraction is not used."""
     seed: int = 0
     """Salt of the split hash."""
     shard_mb: float = 64.0
@@ -96,9 +100,9 @@ class TokenizeConfig:
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
 
-    def corpus_config(self) -> CorpusConfig:
+    def corpus_config(self, paths: list[str] | None = None) -> CorpusConfig:
         return CorpusConfig(
-            paths=list(self.corpus),
+            paths=list(paths if paths is not None else self.corpus),
             text_field=self.text_field,
             delimiter=self.delimiter,
             doc_per_file=self.doc_per_file,
@@ -216,12 +220,13 @@ class SplitWriter:
         s.extra.update(documents=self.documents, stream_tokens=self.stream_tokens, tail_tokens=self.stream_tokens - kept)
 
 
-def _batches(pieces: Iterator[Piece], batch_chars: int) -> Iterator[list[Piece]]:
-    batch: list[Piece] = []
+def _batches(pieces: Iterator[tuple[str | None, Piece]], batch_chars: int) -> Iterator[list[tuple[str | None, Piece]]]:
+    """Group (split, piece) pairs into batches of about ``batch_chars`` characters."""
+    batch: list[tuple[str | None, Piece]] = []
     size = 0
-    for p in pieces:
-        batch.append(p)
-        size += len(p.text)
+    for sp in pieces:
+        batch.append(sp)
+        size += len(sp[1].text)
         if size >= batch_chars:
             yield batch
             batch, size = [], 0
@@ -279,6 +284,9 @@ def run(cfg: TokenizeConfig) -> Manifest:
     from .corpus import expand_sources
 
     expand_sources(corpus_cfg.paths)  # fail on a missing path before loading anything heavy
+    val_cfg = cfg.corpus_config(cfg.val_corpus) if cfg.val_corpus else None
+    if val_cfg is not None:
+        expand_sources(val_cfg.paths)
     src = resolve_teacher(cfg.tokenizer)
     tokenizer = load_tokenizer(src)
     eos = separator_token_id(tokenizer, cfg.eos_token)
@@ -328,21 +336,27 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
     t0 = time.perf_counter()
     tokens = 0
-    batches = _batches(iter_pieces(corpus_cfg, stats), cfg.batch_chars)
-    pending_batches: list[list[Piece]] = []
+    # Each piece carries its split: None = by the hash of its id, "val" = from --val-corpus.
+    tagged = ((None if val_cfg is None else "train", p) for p in iter_pieces(corpus_cfg, stats))
+    if val_cfg is not None:
+        tagged = itertools.chain(tagged, (("val", p) for p in iter_pieces(val_cfg, stats)))
+    batches = _batches(tagged, cfg.batch_chars)
+    pending_batches: list[list[tuple[str | None, Piece]]] = []
 
-    def texts(bs: Iterator[list[Piece]]) -> Iterator[list[str]]:
+    def texts(bs: Iterator[list[tuple[str | None, Piece]]]) -> Iterator[list[str]]:
         for b in bs:
             pending_batches.append(b)
-            yield [p.text for p in b]
+            yield [p.text for _, p in b]
 
     bar = tqdm(unit="doc", desc="stage 1", dynamic_ncols=True, file=sys.stderr)
     try:
         for ids_list in encode(texts(batches)):
             batch = pending_batches.pop(0)
-            for piece, ids in zip(batch, ids_list, strict=True):
-                corpus_hash.update(piece.doc_id.encode() + b"\0" + piece.text.encode() + b"\0")
-                split = "val" if in_val(piece.doc_id, cfg.seed, cfg.val_fraction) else "train"
+            for (split, piece), ids in zip(batch, ids_list, strict=True):
+                tag = b"val\0" if split == "val" else b""  # moving a file between roles changes the fingerprint
+                corpus_hash.update(tag + piece.doc_id.encode() + b"\0" + piece.text.encode() + b"\0")
+                if split is None:
+                    split = "val" if in_val(piece.doc_id, cfg.seed, cfg.val_fraction) else "train"
                 writers[split].add(ids, eos if piece.last else None)
                 tokens += len(ids) + piece.last
                 bar.update(piece.last)
@@ -368,7 +382,8 @@ def run(cfg: TokenizeConfig) -> Manifest:
             f"{cfg.seq_len + 1}: lower --seq-len or add text"
         )
     elapsed = time.perf_counter() - t0
-    manifest.corpus = {"sources": list(cfg.corpus), "fingerprint": "sha256:" + corpus_hash.hexdigest()[:16], **stats.to_json()}
+    manifest.corpus = {"sources": list(cfg.corpus), **({"val_sources": list(cfg.val_corpus)} if cfg.val_corpus else {}),
+                       "fingerprint": "sha256:" + corpus_hash.hexdigest()[:16], **stats.to_json()}
     manifest.stats = {"wall_s": round(elapsed, 2), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                       "num_workers": n_workers, "ray": mode}
     if cfg.manifest:

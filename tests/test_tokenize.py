@@ -58,6 +58,33 @@ def test_round_trip_and_token_counts(tmp_path, tiny_tokenizer_dir):
     assert m.corpus["documents"] == 40 and m.stats["tokens_per_s"] > 0
 
 
+def test_val_corpus_forms_the_val_split(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    docs = owt_documents(30)
+    write_corpus(tmp_path / "train.txt", docs[:24])
+    write_corpus(tmp_path / "valid.txt", docs[24:])
+    cfg = TokenizeConfig(corpus=[str(tmp_path / "train.txt")], val_corpus=[str(tmp_path / "valid.txt")],
+                         tokenizer=str(tiny_tokenizer_dir), out=str(tmp_path / "out"), seq_len=T, val_fraction=0.5)
+    m = run(cfg)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    eos = m.tokenizer["eos_id"]
+    for split, mine in (("train", docs[:24]), ("val", docs[24:])):
+        # Every document of a file goes to that file's split, whatever --val-fraction says.
+        expected = np.concatenate([np.append(tok(d, add_special_tokens=False)["input_ids"], eos) for d in mine])
+        got = stream(m, split)
+        np.testing.assert_array_equal(got, expected[: len(got)])
+        assert m.splits[split].extra["documents"] == len(mine)
+    assert m.corpus["val_sources"] == [str(tmp_path / "valid.txt")] and m.corpus["documents"] == 30
+    # The same files in swapped roles are a different dataset.
+    swapped = TokenizeConfig(corpus=[str(tmp_path / "valid.txt")], val_corpus=[str(tmp_path / "train.txt")],
+                             tokenizer=str(tiny_tokenizer_dir), out=str(tmp_path / "out2"), seq_len=T)
+    assert run(swapped).corpus["fingerprint"] != m.corpus["fingerprint"]
+    with pytest.raises(ValueError, match="does not exist|not found|no such"):
+        run(TokenizeConfig(corpus=[str(tmp_path / "train.txt")], val_corpus=[str(tmp_path / "missing.txt")],
+                           tokenizer=str(tiny_tokenizer_dir), out=str(tmp_path / "out3"), seq_len=T))
+
+
 def test_split_is_stable_when_documents_are_added():
     ids = [f"c.txt:{i}" for i in range(5000)]
     val = {i for i in ids if in_val(i, 0, 0.05)}

@@ -1,0 +1,119 @@
+"""bench/efficiency.py: the comparisons against hand-computed curves, every committed config, and the
+whole experiment end to end with a tiny random teacher."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import owt_documents, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
+eff = importlib.util.module_from_spec(_spec)
+sys.modules["bench_efficiency"] = eff  # dataclasses look their module up there
+_spec.loader.exec_module(eff)
+
+
+def curve(points):
+    return [{"tokens": t, "flops": f, "val_loss": v} for t, f, v in points]
+
+
+def test_tokens_to_reach_interpolates_and_says_never():
+    c = curve([(100, 1000, 6.0), (200, 2000, 5.0), (300, 3000, 4.5)])
+    assert eff.x_to_reach(c, 5.5, "tokens") == pytest.approx(150.0)
+    assert eff.x_to_reach(c, 5.5, "flops") == pytest.approx(1500.0)
+    assert eff.x_to_reach(c, 6.5, "tokens") == 100.0  # already there at the first evaluation
+    assert eff.x_to_reach(c, 4.0, "tokens") is None
+    # A non-monotone curve: the first crossing counts.
+    bumpy = curve([(100, 1, 6.0), (200, 2, 4.0), (300, 3, 5.0), (400, 4, 3.0)])
+    assert eff.x_to_reach(bumpy, 4.5, "tokens") == pytest.approx(175.0)
+
+
+def test_compare_at_equal_tokens_and_equal_flops():
+    ntp = curve([(100, 1000, 6.0), (200, 2000, 5.0), (300, 3000, 4.6)])
+    # CoCoMix costs 1.5x the FLOPs per token and learns faster per token.
+    coco = curve([(100, 1500, 5.5), (200, 3000, 4.6), (300, 4500, 4.2)])
+    c = eff.compare(ntp, coco)
+    assert c["tokens_to_reach_base_final"] == pytest.approx(200.0)
+    assert c["tokens_saved_fraction"] == pytest.approx(1 / 3)
+    assert c["flops_to_reach_base_final"] == pytest.approx(3000.0)
+    assert c["flops_saved_fraction"] == pytest.approx(0.0)
+    # Equal FLOPs = NTP's whole budget (3000): NTP 4.6 vs CoCoMix at its 200-token point, 4.6.
+    assert c["equal_flops"] == {"flops": 3000, "base_val_loss": pytest.approx(4.6), "val_loss": pytest.approx(4.6)}
+    worse = eff.compare(ntp, curve([(100, 1000, 6.5), (200, 2000, 5.5), (300, 3000, 4.9)]))
+    assert worse["tokens_to_reach_base_final"] is None and worse["tokens_saved_fraction"] is None
+    assert eff.loss_at(ntp, 2500, "flops") == pytest.approx(4.8)
+    assert eff.loss_at(ntp, 5000, "flops") is None
+
+
+def test_mean_curve_over_seeds():
+    a = curve([(100, 1, 6.0), (200, 2, 5.0)])
+    b = curve([(100, 1, 5.0), (200, 2, 4.0), (300, 3, 3.0)])
+    m = eff.mean_curve([a, b])
+    assert [p["val_loss"] for p in m] == [5.5, 4.5] and [p["tokens"] for p in m] == [100, 200]
+    assert m[0]["val_loss_std"] == pytest.approx(0.7071, abs=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench" / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_committed_configs_load(path):
+    cfg = eff.EfficiencyConfig.load(path)
+    assert "ntp" in cfg.modes and cfg.seeds and cfg.description
+
+
+def test_bad_configs_are_refused(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"name": "x", "corpus": ["a"], "val_corpus": ["b"], "stpes": 3}))
+    with pytest.raises(ValueError, match="unknown keys \\['stpes'\\]"):
+        eff.EfficiencyConfig.load(p)
+    p.write_text(json.dumps({"name": "x", "corpus": ["a"], "val_corpus": ["b"], "modes": ["cocomix"]}))
+    with pytest.raises(ValueError, match="must include ntp"):
+        eff.EfficiencyConfig.load(p)
+    with pytest.raises(ValueError, match="cannot read config"):
+        eff.EfficiencyConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.usefixtures("ray_local", "one_thread")
+def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, capsys):
+    docs = owt_documents(70)
+    train, valid = write_corpus(tmp_path / "train.txt", docs[:60]), write_corpus(tmp_path / "valid.txt", docs[60:])
+    cfg = {
+        "name": "tiny", "description": "test", "corpus": [str(train)], "val_corpus": [str(valid)],
+        "teacher": str(tiny_teacher_dir), "layer": 0, "seq_len": 32, "shard_mb": 0.002, "sae_latents": 64, "sae_k": 8,
+        "sae_tokens": 4096, "sae_buffer_tokens": 2048, "sae_batch_size": 256, "teacher_batch": 8, "k_kd": 8,
+        "device": "cpu", "preset": "tiny", "seeds": [0], "max_tokens": 12 * 4 * 32, "micro_batch": 4,
+        "eval_every": 6, "eval_windows": 4, "manifest": str(tmp_path / "manifests" / "owt.json"),
+    }
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = ["--config", str(tmp_path / "c.json"), "--out", str(out)]
+    assert eff.main(args) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "report.json").read_text())
+    assert r["data"]["val"]["documents"] == 10 and r["data"]["train"]["documents"] == 60
+    assert set(r["students"]) == {"ntp", "cocomix", "kd"} and set(r["vs_ntp"]) == {"cocomix", "kd"}
+    for s in r["students"].values():
+        assert [p["tokens"] for p in s["curve"]] == [6 * 4 * 32, 12 * 4 * 32]
+        assert all(1.0 < p["val_loss"] < 10.0 for p in s["curve"])
+    # CoCoMix's extra block costs FLOPs per token; the report carries the trainer's own count.
+    assert r["students"]["cocomix"]["flops_per_token"] != r["students"]["ntp"]["flops_per_token"]
+    assert (out / "efficiency.png").stat().st_size > 1000 and "cocomix vs NTP" in printed
+    manifest = json.loads((tmp_path / "manifests" / "owt.json").read_text())
+    assert manifest["attribution"]["k_kd"] == 8 and manifest["hook"]["layer"] == 0
+    assert not manifest["shards_root"].startswith("/") if "shards_root" in manifest else True
+
+    # A second seed trains only the new students; the first seed's runs and the SAE are reused.
+    sae_mtime = (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns
+    ntp0 = (out / "students" / "ntp-seed0" / "metrics.jsonl").read_text()
+    assert eff.main(args + ["--seeds", "0", "1", "--modes", "ntp", "cocomix"]) == 0
+    r2 = json.loads((out / "report.json").read_text())
+    assert (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime
+    assert (out / "students" / "ntp-seed0" / "metrics.jsonl").read_text() == ntp0
+    assert set(r2["students"]) == {"ntp", "cocomix"} and not (out / "students" / "kd-seed1").exists()
+    finals = r2["students"]["ntp"]["final_val_loss"]
+    assert set(finals) == {"0", "1"} and finals["0"] != finals["1"]
+    assert r2["students"]["ntp"]["final_val_loss_mean"] == pytest.approx((finals["0"] + finals["1"]) / 2)
