@@ -55,6 +55,8 @@ class ExtractConfig:
     """Stage-1 output directory (or its manifest.json); exclusive with --corpus."""
     corpus: list[str] | None = None
     """Corpus files for stage 1 (run first, reusing OUT/tokens when it already holds them)."""
+    val_corpus: list[str] | None = None
+    """With --corpus: a held-out corpus that forms the val split (stage 1's --val-corpus)."""
     manifest: str | None = None
     """Concept manifest to write (default OUT/NAME.json; NAME defaults to 'concepts')."""
     sae_format: Literal["openai", "saelens", "sparsify", "cocomix"] | None = None
@@ -95,6 +97,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if (self.tokens is None) == (not self.corpus):
             raise ValueError("pass exactly one of --tokens DIR (stage-1 output) and --corpus PATH")
+        if self.val_corpus and not self.corpus:
+            raise ValueError("--val-corpus goes with --corpus (with --tokens, the splits are already made)")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
@@ -276,7 +280,7 @@ def plan(cfg: ExtractConfig) -> Plan:
         from pipeline.tokenize import TokenizeConfig
         from pipeline.tokenize import run as tokenize
 
-        token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), tokenizer=cfg.teacher,
+        token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), val_corpus=cfg.val_corpus, tokenizer=cfg.teacher,
                                                  out=str(Path(cfg.out) / "tokens"), seq_len=cfg.seq_len,
                                                  ray_address=cfg.ray_address))
         check_tokens(token_manifest, teacher)

