@@ -91,6 +91,10 @@ class EfficiencyConfig:
     """Validation windows per evaluation (the same ones for every student)."""
     manifest: str | None = None
     """Also save the concept manifest here (relative to the repository root), e.g. manifests/owt.json."""
+    extraction: str | None = None
+    """Reuse the stage 1, SAE and stage 2 outputs of this run directory (relative to the repository
+    root, e.g. ../cocomix-runs/efficiency-cpu) instead of extracting again: for another student budget
+    on the same labels. Its SAE must have this config's layer, latents and k."""
 
     @classmethod
     def load(cls, path: str | Path) -> EfficiencyConfig:
@@ -220,6 +224,15 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> Path | None:
 # The pipeline: each step is the project's own CLI entry point, reused when already complete.
 
 
+def _check_sae(sae_dir: Path, cfg: EfficiencyConfig) -> None:
+    """A reused SAE must be the one this config asks for, or the labels would silently differ."""
+    tc = json.loads((sae_dir / "train_config.json").read_text())
+    want = {"teacher": cfg.teacher, "layer": cfg.layer, "n_latents": cfg.sae_latents, "k": cfg.sae_k}
+    if diff := {k: (tc.get(k), v) for k, v in want.items() if tc.get(k) != v}:
+        raise ValueError(f"{sae_dir} holds an SAE with other settings (found, wanted): {diff}; "
+                         "point --out or `extraction` at another run directory")
+
+
 def _repo_path(p: str) -> str:
     q = Path(p).expanduser()
     return str(q if q.is_absolute() else ROOT / q)
@@ -265,29 +278,36 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
     from pipeline.tokenize import run as tokenize
 
     out.mkdir(parents=True, exist_ok=True)
-    walls: dict[str, float] = json.loads((out / "walls.json").read_text()) if (out / "walls.json").is_file() else {}
+    # Extraction outputs live in `ext`: this run's own directory, or the one named by cfg.extraction
+    # (whose wall times are then reported as they were measured there).
+    ext = Path(_repo_path(cfg.extraction)) if cfg.extraction else out
+    if cfg.extraction and not (ext / "tokens").is_dir():
+        raise ValueError(f"extraction={cfg.extraction!r}: {ext / 'tokens'} does not exist; run its config first")
+    walls_path = next((d / "walls.json" for d in (out, ext) if (d / "walls.json").is_file()), None)
+    walls: dict[str, float] = json.loads(walls_path.read_text()) if walls_path else {}
 
     def timed(name: str, t0: float) -> None:
         walls[name] = round(time.perf_counter() - t0, 1)
         (out / "walls.json").write_text(json.dumps(walls, indent=2))
 
-    print(f"[1/5] stage 1: {cfg.corpus} (train) + {cfg.val_corpus} (val) -> {out / 'tokens'}", flush=True)
+    print(f"[1/5] stage 1: {cfg.corpus} (train) + {cfg.val_corpus} (val) -> {ext / 'tokens'}", flush=True)
     t = time.perf_counter()
     tok_m = tokenize(TokenizeConfig(corpus=[_repo_path(p) for p in cfg.corpus], val_corpus=[_repo_path(p) for p in cfg.val_corpus],
-                                    tokenizer=cfg.teacher, out=str(out / "tokens"), seq_len=cfg.seq_len, shard_mb=cfg.shard_mb,
+                                    tokenizer=cfg.teacher, out=str(ext / "tokens"), seq_len=cfg.seq_len, shard_mb=cfg.shard_mb,
                                     ray_address=ray_address))
     walls.setdefault("stage 1", round(time.perf_counter() - t, 1))
     if until == "tokens":
         return None
 
     print(f"[2/5] SAE: {cfg.sae_latents} latents, TopK {cfg.sae_k}, block {cfg.layer}, {cfg.sae_tokens:,} tokens", flush=True)
-    sae_dir = out / "sae"
+    sae_dir = ext / "sae"
     t = time.perf_counter()
     if (sae_dir / "summary.json").is_file():
+        _check_sae(sae_dir, cfg)
         print(f"  reusing {sae_dir}")
     else:
         sae.train.main([
-            "--teacher", cfg.teacher, "--layer", str(cfg.layer), "--tokens", str(out / "tokens"),
+            "--teacher", cfg.teacher, "--layer", str(cfg.layer), "--tokens", str(ext / "tokens"),
             "--n-latents", str(cfg.sae_latents), "--k", str(cfg.sae_k), "--max-tokens", str(cfg.sae_tokens),
             "--batch-size", str(cfg.sae_batch_size), "--buffer-tokens", str(cfg.sae_buffer_tokens),
             "--teacher-batch", str(cfg.teacher_batch), "--out", str(sae_dir),
@@ -299,10 +319,10 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
         return None
 
     print("[3/5] stage 2: attribution labels + KD targets", flush=True)
-    concept_manifest = Path(_repo_path(cfg.manifest)) if cfg.manifest else out / "concepts.json"
+    concept_manifest = Path(_repo_path(cfg.manifest)) if cfg.manifest else ext / "concepts.json"
     t = time.perf_counter()
-    rc = concepts.main(["--tokens", str(out / "tokens"), "--teacher", cfg.teacher, "--sae", str(sae_dir),
-                        "--out", str(out), "--manifest", str(concept_manifest), "--k-attr", str(cfg.k_attr),
+    rc = concepts.main(["--tokens", str(ext / "tokens"), "--teacher", cfg.teacher, "--sae", str(sae_dir),
+                        "--out", str(ext), "--manifest", str(concept_manifest), "--k-attr", str(cfg.k_attr),
                         "--k-mix", "0", "--k-kd", str(cfg.k_kd), "--batch-size", str(cfg.extract_batch_size),
                         "--device", cfg.device, "--ray-address", ray_address])
     if rc != 0:

@@ -79,8 +79,8 @@ def test_bad_configs_are_refused(tmp_path):
 
 @pytest.mark.usefixtures("ray_local", "one_thread")
 def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, capsys):
-    docs = owt_documents(70)
-    train, valid = write_corpus(tmp_path / "train.txt", docs[:60]), write_corpus(tmp_path / "valid.txt", docs[60:])
+    docs = owt_documents(16)  # ~40k tokens of the tiny tokenizer: every stage sees real text, stage 2 stays short
+    train, valid = write_corpus(tmp_path / "train.txt", docs[:12]), write_corpus(tmp_path / "valid.txt", docs[12:])
     cfg = {
         "name": "tiny", "description": "test", "corpus": [str(train)], "val_corpus": [str(valid)],
         "teacher": str(tiny_teacher_dir), "layer": 0, "seq_len": 32, "shard_mb": 0.002, "sae_latents": 64, "sae_k": 8,
@@ -94,7 +94,7 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     assert eff.main(args) == 0
     printed = capsys.readouterr().out
     r = json.loads((out / "report.json").read_text())
-    assert r["data"]["val"]["documents"] == 10 and r["data"]["train"]["documents"] == 60
+    assert r["data"]["val"]["documents"] == 4 and r["data"]["train"]["documents"] == 12
     assert set(r["students"]) == {"ntp", "cocomix", "kd"} and set(r["vs_ntp"]) == {"cocomix", "kd"}
     for s in r["students"].values():
         assert [p["tokens"] for p in s["curve"]] == [6 * 4 * 32, 12 * 4 * 32]
@@ -117,3 +117,19 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     finals = r2["students"]["ntp"]["final_val_loss"]
     assert set(finals) == {"0", "1"} and finals["0"] != finals["1"]
     assert r2["students"]["ntp"]["final_val_loss_mean"] == pytest.approx((finals["0"] + finals["1"]) / 2)
+
+    # Another budget on the same labels: `extraction` reuses stage 1, the SAE and stage 2 of `out`.
+    longer = cfg | {"name": "tiny-longer", "extraction": str(out), "modes": ["ntp"], "max_tokens": 18 * 4 * 32}
+    (tmp_path / "longer.json").write_text(json.dumps(longer))
+    assert eff.main(["--config", str(tmp_path / "longer.json"), "--out", str(tmp_path / "longer")]) == 0
+    r3 = json.loads((tmp_path / "longer" / "report.json").read_text())
+    assert r3["students"]["ntp"]["curve"][-1]["tokens"] == 18 * 4 * 32 and r3["data"] == r["data"]
+    assert not (tmp_path / "longer" / "tokens").exists() and not (tmp_path / "longer" / "sae").exists()
+    assert (out / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime
+    capsys.readouterr()
+    (tmp_path / "other.json").write_text(json.dumps(longer | {"sae_latents": 128}))
+    assert eff.main(["--config", str(tmp_path / "other.json"), "--out", str(tmp_path / "other")]) == 2
+    assert "SAE with other settings" in capsys.readouterr().err
+    (tmp_path / "none.json").write_text(json.dumps(longer | {"extraction": str(tmp_path / "nowhere")}))
+    assert eff.main(["--config", str(tmp_path / "none.json"), "--out", str(tmp_path / "none")]) == 2
+    assert "run its config first" in capsys.readouterr().err
