@@ -184,6 +184,8 @@ def compare(base: list[dict], other: list[dict]) -> dict:
         reach = x_to_reach(other, target, x)
         out[f"{x}_to_reach_base_final"] = reach
         out[f"{x}_saved_fraction"] = None if reach is None else 1.0 - reach / base[-1][x]
+        # The mirror question, which still has an answer when `other` is the slower one.
+        out[f"base_{x}_to_reach_final"] = x_to_reach(base, other[-1]["val_loss"], x)
     # Equal FLOPs: both losses where the cheaper run's budget ends (the paper reports tokens only).
     f_eq = min(base[-1]["flops"], other[-1]["flops"])
     out["equal_flops"] = {"flops": f_eq, "base_val_loss": loss_at(base, f_eq, "flops"),
@@ -396,6 +398,8 @@ def print_report(r: dict) -> None:
               + (f"after {tok:,.0f} tokens ({c['tokens_saved_fraction']:+.1%} saved) and {fl:.3g} FLOPs "
                  f"({c['flops_saved_fraction']:+.1%} saved)" if tok is not None else "never within the budget")
               + f"; at equal FLOPs {eq['flops']:.3g}: {mode} {_f(eq['val_loss'])} vs NTP {_f(eq['base_val_loss'])}")
+        if tok is None and (back := c.get("base_tokens_to_reach_final")) is not None:
+            print(f"    NTP reaches {mode}'s final loss {c['final_val_loss']:.4f} after {back:,.0f} tokens")
 
 
 def _f(v: float | None) -> str:

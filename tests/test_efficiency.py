@@ -45,8 +45,12 @@ def test_compare_at_equal_tokens_and_equal_flops():
     assert c["flops_saved_fraction"] == pytest.approx(0.0)
     # Equal FLOPs = NTP's whole budget (3000): NTP 4.6 vs CoCoMix at its 200-token point, 4.6.
     assert c["equal_flops"] == {"flops": 3000, "base_val_loss": pytest.approx(4.6), "val_loss": pytest.approx(4.6)}
+    assert c["base_tokens_to_reach_final"] is None  # NTP never gets to CoCoMix's 4.2
     worse = eff.compare(ntp, curve([(100, 1000, 6.5), (200, 2000, 5.5), (300, 3000, 4.9)]))
     assert worse["tokens_to_reach_base_final"] is None and worse["tokens_saved_fraction"] is None
+    # ...but NTP reaches the slower student's final 4.9 a quarter of the way from 200 to 300 tokens.
+    assert worse["base_tokens_to_reach_final"] == pytest.approx(225.0)
+    assert worse["base_flops_to_reach_final"] == pytest.approx(2250.0)
     assert eff.loss_at(ntp, 2500, "flops") == pytest.approx(4.8)
     assert eff.loss_at(ntp, 5000, "flops") is None
 
