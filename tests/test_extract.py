@@ -27,10 +27,16 @@ T = 16
 def data(tmp_path_factory, tiny_teacher_dir):
     """Token shards (several, both splits) and two SAEs saved on disk."""
     root = tmp_path_factory.mktemp("extract")
-    corpus = write_corpus(root / "corpus.txt", [d[:900] for d in owt_documents(7)])
-    tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir), out=str(root / "tokens"),
-                                     seq_len=T, shard_mb=0.0012, val_fraction=0.3))
-    assert len(tokens.splits["train"].shards) >= 3 and tokens.splits["val"].windows > 0
+    # Seven documents of the OWT sample span >= 4 train shards (the resume test removes shard 3); synthetic
+    # text (no sample beside the checkout) tokenises shorter under the tiny tokenizer trained on it, so
+    # take documents until it does too.
+    for n in range(7, 50, 4):
+        corpus = write_corpus(root / "corpus.txt", [d[:900] for d in owt_documents(n)])
+        tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir), out=str(root / "tokens"),
+                                         seq_len=T, shard_mb=0.0012, val_fraction=0.3, overwrite=True))
+        if len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0:
+            break
+    assert len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0
     save_sae(random_sae(d=64, c=300, k=8, layer=1, seed=1), root / "sae_a")
     save_sae(random_sae(d=64, c=200, k=6, layer=0, seed=2), root / "sae_b")
     return root
