@@ -11,7 +11,8 @@ and against training FLOPs) in the run directory.
 The report answers the paper's headline question (COCOMIX.md section 5: at 1.38B CoCoMix reaches
 NTP's final validation loss with 21.5% fewer tokens) at this scale, and the one the paper leaves
 out: the same comparison at equal training FLOPs. Every step reuses what a previous run finished,
-so an interrupted run continues where it stopped and a later run only adds seeds.
+so an interrupted run continues where it stopped and a later run only adds seeds. A config may
+``"extends": "other.json"`` and give only the keys it changes (``cpu-long.json``).
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ class EfficiencyConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read config {path}: {e}") from e
         known = {f.name for f in fields(cls)}
-        if unknown := set(d) - known:
+        if unknown := set(d) - known - {"extends"}:
             raise ValueError(f"config {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if base := d.pop("extends", None):  # another config file (relative to this one) supplies every key not given
+            d = asdict(cls.load(Path(path).parent / base)) | d
         try:
             return cls(**d)
         except TypeError as e:
@@ -228,6 +231,9 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> Path | None:
 
 def _check_sae(sae_dir: Path, cfg: EfficiencyConfig) -> None:
     """A reused SAE must be the one this config asks for, or the labels would silently differ."""
+    if not (sae_dir / "train_config.json").is_file():
+        raise ValueError(f"{sae_dir} holds an SAE without sae.train's train_config.json: its settings cannot be checked; "
+                         "point --out or `extraction` at another run directory")
     tc = json.loads((sae_dir / "train_config.json").read_text())
     want = {"teacher": cfg.teacher, "layer": cfg.layer, "n_latents": cfg.sae_latents, "k": cfg.sae_k}
     if diff := {k: (tc.get(k), v) for k, v in want.items() if tc.get(k) != v}:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,17 @@ def test_bad_configs_are_refused(tmp_path):
         eff.EfficiencyConfig.load(p)
     with pytest.raises(ValueError, match="cannot read config"):
         eff.EfficiencyConfig.load(tmp_path / "missing.json")
+    p.write_text(json.dumps({"extends": "missing.json", "max_tokens": 5}))
+    with pytest.raises(ValueError, match="cannot read config .*missing.json"):
+        eff.EfficiencyConfig.load(p)
+
+
+def test_a_config_extends_another():
+    base = eff.EfficiencyConfig.load(ROOT / "bench" / "configs" / "cpu.json")
+    longer = eff.EfficiencyConfig.load(ROOT / "bench" / "configs" / "cpu-long.json")
+    changed = {k for k, v in asdict(longer).items() if v != asdict(base)[k]}
+    assert changed == {"name", "description", "extraction", "max_tokens", "eval_every"}
+    assert longer.max_tokens == 983_040 and longer.extraction == "../cocomix-runs/efficiency-cpu"
 
 
 @pytest.mark.usefixtures("ray_local", "one_thread")
