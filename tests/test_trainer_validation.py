@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from shards import load_manifest
 from trainer.config import ModelConfig, TrainConfig
 from trainer.loop import train
 from trainer.run import main as run_main
@@ -188,3 +191,15 @@ def test_unfinished_extraction_is_refused(data):
     man.stats["complete"] = False  # what stage 2 writes until its last shard is in
     with pytest.raises(ValueError, match="has not finished"):
         check_manifest(tc, man, mc)
+
+
+def test_no_budget_means_one_epoch(data, tmp_path):
+    windows = load_manifest(data).splits["train"].windows
+    summary = train(cfg(data, tmp_path / "o", steps=0, max_tokens=0, eval_windows=0))
+    assert summary["step"] == windows // 4 >= 2 and summary["tokens"] == summary["step"] * 4 * load_manifest(data).seq_len
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "trainer.run", "--shards", str(tmp_path / "nope.json")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -185,7 +185,7 @@ class TrainConfig:
     steps: int = 0
     """Optimiser steps; 0 = derive from --max-tokens."""
     max_tokens: int = 0
-    """Token budget (predicted tokens); used when --steps is 0."""
+    """Token budget (predicted tokens); used when --steps is 0. Both 0: one epoch of the train split."""
     lr: float = 6e-4
     """Peak learning rate (paper: 6e-4 at 69M, 3e-4 at 386M, 2e-4 at 1.38B)."""
     min_lr_ratio: float = 0.1

@@ -103,7 +103,9 @@ class Trainer:
         self.T = self.manifest.seq_len
         self.G = cfg.micro_batch * cfg.grad_accum * self.world
         self.tokens_per_step = self.G * self.T
-        self.total_steps = cfg.steps or cfg.max_tokens // self.tokens_per_step
+        # Neither --steps nor --max-tokens: one pass over the train split (plain `--shards M.json`).
+        budget = cfg.max_tokens or len(self.train_ds) * self.T
+        self.total_steps = cfg.steps or budget // self.tokens_per_step
         if self.total_steps < 1:
             raise ValueError(
                 f"no steps to run: pass --steps, or a --max-tokens of at least one global batch ({self.tokens_per_step} tokens)"

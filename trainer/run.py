@@ -42,4 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a bad manifest, shard, checkpoint or option: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
