@@ -83,6 +83,11 @@ class WindowDataset:
             for s in self.shards:
                 for p in s.parts.values():
                     verify_part(p)
+        elif verify == "lazy":  # checksums wait for first use, but a missing file fails here, not mid-run
+            missing = [str(s.parts[p].path) for s in self.shards for p in wanted_parts if not s.parts[p].path.exists()]
+            if missing:
+                raise ValueError(f"manifest {manifest.path}: {len(missing)} shard file(s) of split {split!r} missing, "
+                                 f"first {missing[0]!r}; re-run the stage that wrote them or fix the paths")
 
     def __len__(self) -> int:
         return int(self._starts[-1])

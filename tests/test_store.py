@@ -197,6 +197,9 @@ def test_missing_shard_and_wrong_fields(tmp_path):
     m.splits["train"].shards[0].parts["tokens"].path.unlink()
     with pytest.raises(ValueError, match="missing"):
         open_split(load_manifest(tmp_path / "manifest.json"), "train", verify="open")
+    # Lazy verification still finds a missing file when the split is opened, before any window is read.
+    with pytest.raises(ValueError, match=r"1 shard file\(s\) of split 'train' missing, first .*tokens"):
+        open_split(load_manifest(tmp_path / "manifest.json"), "train")
     with pytest.raises(ValueError, match="no split"):
         open_split(m, "val")
     with pytest.raises(ValueError, match="no field"):
