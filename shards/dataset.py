@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -50,19 +52,55 @@ def verify_part(part: ShardPart) -> None:
     """Raise a ``ValueError`` naming the shard when its bytes differ from the manifest's checksum."""
     if not part.path.exists():
         raise ValueError(f"shard {str(part.path)!r} is missing")
-    got = checksum(part.path)
+    try:
+        got = checksum(part.path)
+    except OSError as e:  # unreadable (permissions, I/O error): the same one-line report
+        raise ValueError(f"shard {str(part.path)!r} cannot be read: {e.strerror or e}") from e
     if got != part.checksum:
         raise ValueError(f"shard {str(part.path)!r} is corrupted: checksum {got} != {part.checksum} in the manifest; re-run the stage that wrote it")
+
+
+def verify_parts(parts: Iterable[ShardPart], threads: int | None = None) -> None:
+    """:func:`verify_part` on every part, ``threads`` at a time (hashlib releases the GIL, so threads
+    add disk / memory bandwidth; bench/verify.py measures it). Every part is checked; the error names
+    the first bad one in the order given and counts the others."""
+    parts = list(parts)
+    threads = threads or min(8, os.cpu_count() or 1, max(1, len(parts)))
+
+    def check(p: ShardPart) -> str | None:
+        try:
+            verify_part(p)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    if threads > 1 and len(parts) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            errors = [e for e in pool.map(check, parts) if e]
+    else:
+        errors = [e for e in map(check, parts) if e]
+    if errors:
+        more = f" (and {len(errors) - 1} more bad shard(s))" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)
 
 
 class WindowDataset:
     """``ds[i]`` -> dict of per-window numpy arrays across all parts (tokens, concepts, ...).
 
     Checksums are verified before a shard's data is first used: all at construction with
-    ``verify="open"``, or per shard on first access with ``"lazy"``.
+    ``verify="open"`` (the parts of the requested fields, in parallel), or per shard on first access
+    with ``"lazy"``. ``limit``: only the first ``limit`` windows are exposed (and verified), e.g. the
+    validation windows a trainer evaluates on.
     """
 
-    def __init__(self, manifest: Manifest, split: str, verify: Verify = "lazy", fields: list[str] | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        verify: Verify = "lazy",
+        fields: list[str] | None = None,
+        limit: int | None = None,
+    ):
         if split not in manifest.splits:
             raise ValueError(f"manifest {manifest.path}: no split {split!r} (has {sorted(manifest.splits)})")
         if verify not in ("open", "lazy", "none"):
@@ -74,15 +112,17 @@ class WindowDataset:
         self.split = split
         self.verify = verify
         self.fields = {k: v for k, v in manifest.fields.items() if fields is None or k in fields}
-        wanted_parts = {manifest.field_parts[k] for k in self.fields}
+        wanted_parts = [p for p in manifest.parts if any(manifest.field_parts[k] == p for k in self.fields)]
         self._part_fields = {p: {k: v for k, v in self.fields.items() if manifest.field_parts[k] == p} for p in wanted_parts}
         self.shards: list[Shard] = manifest.splits[split].shards
         self._starts = np.cumsum([0] + [s.windows for s in self.shards])
+        if limit is not None and limit < self._starts[-1]:
+            n_shards = int(np.searchsorted(self._starts, max(limit, 0), side="left"))  # shards holding windows < limit
+            self.shards = self.shards[:n_shards]
+            self._starts = np.minimum(self._starts[: n_shards + 1], max(limit, 0))
         self._open: dict[int, list[ArrowShard | ZarrShard]] = {}
         if verify == "open":
-            for s in self.shards:
-                for p in s.parts.values():
-                    verify_part(p)
+            verify_parts(s.parts[p] for s in self.shards for p in wanted_parts)
         elif verify == "lazy":  # checksums wait for first use, but a missing file fails here, not mid-run
             missing = [str(s.parts[p].path) for s in self.shards for p in wanted_parts if not s.parts[p].path.exists()]
             if missing:
@@ -152,5 +192,7 @@ class WindowDataset:
         self._open.clear()
 
 
-def open_split(manifest: Manifest, split: str, verify: Verify = "lazy", fields: list[str] | None = None) -> WindowDataset:
-    return WindowDataset(manifest, split, verify=verify, fields=fields)
+def open_split(
+    manifest: Manifest, split: str, verify: Verify = "lazy", fields: list[str] | None = None, limit: int | None = None
+) -> WindowDataset:
+    return WindowDataset(manifest, split, verify=verify, fields=fields, limit=limit)

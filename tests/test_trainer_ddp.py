@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer import checkpoint
 from trainer.data import StepSampler
 from trainer.synthetic import write_manifest
 
@@ -63,13 +64,16 @@ def test_ddp_two_ranks_match_single_process(tmp_path, mode):
         for k in ("loss", "ntp_loss", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
     assert ddp[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=2e-5)
-    cfg = json.loads((tmp_path / "ddp" / "ckpt" / "config.json").read_text())
+    ddp_ckpt = checkpoint.latest(tmp_path / "ddp" / "ckpt")
+    assert ddp_ckpt.name == "step-000005"
+    cfg = json.loads((ddp_ckpt / "config.json").read_text())
     assert cfg["world_size"] == 2
-    assert (tmp_path / "ddp" / "ckpt" / "rng-rank1.pt").is_file()
+    assert (ddp_ckpt / "rng-rank0.pt").is_file() and (ddp_ckpt / "rng-rank1.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "ckpt").iterdir()) == ["latest", "step-000005"]
     # The two runs end with the same weights (up to float summation order).
     from safetensors.torch import load_file
 
-    wa = load_file(str(tmp_path / "single" / "ckpt" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "ddp" / "ckpt" / "model.safetensors"))
+    wa = load_file(str(checkpoint.latest(tmp_path / "single" / "ckpt") / "model.safetensors"))
+    wb = load_file(str(ddp_ckpt / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

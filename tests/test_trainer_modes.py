@@ -64,7 +64,7 @@ def test_mode_trains_and_loss_falls(data, tmp_path, kw):
     if kw["mode"] == "kd":
         falls(rows, "kd_loss", 0.1)
     assert "val_loss" in rows[-1] and rows[-1]["val_loss"] < math.log(256) - 0.2
-    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    assert (tmp_path / "ckpt" / "step-000030" / "model.safetensors").is_file()
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["model"]["vocab_size"] == 256 and resolved["train"]["mode"] == kw["mode"]
     if kw["mode"] == "cocomix":
@@ -85,12 +85,14 @@ def test_cli_trains_evaluates_checkpoints_resumes_and_generates(data, tmp_path):
             "--lr", "3e-3", "--workers", "2", "--no-progress"]
     # First process dies after 6 steps (the checkpoint of step 4 survives), the second resumes.
     subprocess.run(args + ["--halt-after", "6"], check=True, env=env, cwd=ROOT, timeout=300)
-    assert json.loads((out / "ckpt" / "config.json").read_text())["step"] == 4
+    assert (out / "ckpt" / "latest").read_text() == "step-000004\n"
+    assert json.loads((out / "ckpt" / "step-000004" / "config.json").read_text())["step"] == 4
     subprocess.run(args + ["--resume", "auto"], check=True, env=env, cwd=ROOT, timeout=300)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
+    assert [r["step"] for r in rows] == list(range(1, 11))  # steps 5, 6 of the killed run were cut on resume
     assert {r["step"] for r in rows if "val_loss" in r} == {5, 10}
-    assert json.loads((out / "ckpt" / "config.json").read_text())["step"] == 10
+    assert json.loads((out / "ckpt" / "step-000010" / "config.json").read_text())["step"] == 10
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step-000010"]  # the old one pruned
     g = subprocess.run(
         [sys.executable, "-m", "trainer.generate", "--ckpt", str(out / "ckpt"), "--prompt", "w1 w2 w3",
          "--steer", "5=8", "--max-new-tokens", "6", "--show-concepts", "3", "--temperature", "0", "--ignore-eos"],

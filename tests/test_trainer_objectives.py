@@ -125,7 +125,7 @@ assert not bad, bad
                        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "BAD []" in r.stdout
-    assert (tmp_path / "o" / "ckpt" / "model.safetensors").is_file()
+    assert (tmp_path / "o" / "ckpt" / "step-000002" / "model.safetensors").is_file()
 
 
 def test_cli_flags_are_frozen_and_documented():

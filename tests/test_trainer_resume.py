@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.loop import train
 from trainer.synthetic import write_manifest
@@ -37,15 +38,15 @@ def test_kill_and_resume_gives_identical_losses(data, tmp_path, workers):
     # "Killed" after step 7: the checkpoint of step 4 survives, steps 5-7 are lost and redone.
     part = train(TrainConfig(out_dir=str(tmp_path / "part"), ckpt_every=4, halt_after=7, **kw))
     assert part["step"] == 7
-    state = torch.load(tmp_path / "part" / "ckpt" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "part" / "ckpt" / "step-000004" / "state.pt", weights_only=False)
     assert state["step"] == 4 and state["sampler"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4, "seed": 1337, "windows": 40, "global_batch": 8}
     resumed = train(TrainConfig(out_dir=str(tmp_path / "part"), ckpt_every=4, resume="auto", **kw))
     assert resumed["step"] == 12 and full["step"] == 12
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert a == b  # exact equality of losses, grad norms and val losses at every step
-    wa = load_file(str(tmp_path / "full" / "ckpt" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "part" / "ckpt" / "model.safetensors"))
+    wa = load_file(str(checkpoint.latest(tmp_path / "full" / "ckpt") / "model.safetensors"))
+    wb = load_file(str(checkpoint.latest(tmp_path / "part" / "ckpt") / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -55,7 +56,7 @@ def test_resume_without_dropout_state_would_differ(data, tmp_path):
               lr=3e-3, eval_windows=0, workers=0, progress=False)
     train(TrainConfig(out_dir=str(tmp_path / "full"), **kw))
     train(TrainConfig(out_dir=str(tmp_path / "part"), ckpt_every=3, halt_after=3, **kw))
-    rng = tmp_path / "part" / "ckpt" / "rng-rank0.pt"
+    rng = checkpoint.latest(tmp_path / "part" / "ckpt") / "rng-rank0.pt"
     torch.save({"torch": torch.Generator().manual_seed(999).get_state()}, rng)
     train(TrainConfig(out_dir=str(tmp_path / "part"), resume="auto", **kw))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")

@@ -126,7 +126,7 @@ def test_concept_ids_beyond_n_latents_name_the_shard(tmp_path):
 
 def test_resume_checkpoint_that_does_not_match(data, tmp_path):
     train(cfg(data, tmp_path / "o", steps=2))
-    with pytest.raises(ValueError, match=r"does not match(.|\n)*lr: checkpoint 0.0006, this run 0.001"):
+    with pytest.raises(ValueError, match=r"holds a finished run that differs from this one(.|\n)*lr: checkpoint 0.0006, this run 0.001"):
         train(cfg(data, tmp_path / "o", steps=2, lr=1e-3, resume="auto"))
     with pytest.raises(ValueError, match=r"model.d_model: checkpoint 64, this run 128"):
         train(cfg(data, tmp_path / "o", steps=2, preset="small", resume="auto"))
@@ -134,8 +134,8 @@ def test_resume_checkpoint_that_does_not_match(data, tmp_path):
         train(cfg(data, tmp_path / "o", steps=5, resume="auto"))
     with pytest.raises(ValueError, match=r"global batch"):
         train(cfg(data, tmp_path / "o", steps=2, micro_batch=2, resume="auto"))
-    with pytest.raises(ValueError, match=r"incomplete: state.pt is missing"):
-        (tmp_path / "o" / "ckpt" / "state.pt").unlink()
+    with pytest.raises(ValueError, match=r"incomplete: state.pt missing"):
+        (tmp_path / "o" / "ckpt" / "step-000002" / "state.pt").unlink()
         train(cfg(data, tmp_path / "o", steps=2, resume=str(tmp_path / "o" / "ckpt")))
 
 

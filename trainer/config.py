@@ -157,7 +157,9 @@ class TrainConfig:
     shards: str = ""
     """Path of the manifest JSON written by the extraction pipeline (or stage 1 for ntp)."""
     out_dir: str = "runs/student"
-    """Where checkpoints, metrics.jsonl and the resolved config are written."""
+    """Where checkpoints, metrics.jsonl and the resolved config are written. A directory holding
+    another run is refused; the same unfinished run continues from its last checkpoint; a finished
+    one is reported complete and not touched."""
     preset: str = "tiny"
     """Model size: tiny, small, 69m, 386m, 1.38b (NTP/KD modes get the width-matched baseline)."""
     mode: Mode = "cocomix"
@@ -209,13 +211,15 @@ class TrainConfig:
     log_every: int = 1
     """Write a metrics line every this many steps."""
     resume: str = ""
-    """Checkpoint directory to resume from, or 'auto' for OUT_DIR/ckpt when it exists."""
+    """Checkpoint to resume from (a run's ckpt directory or one of its step-N directories), or 'auto'
+    for OUT_DIR/ckpt when it holds one. Only the same run continues (same settings and data)."""
     seed: int = 1337
     """Seed of the model init, the window order and dropout."""
     workers: int = 2
     """Loader worker processes (0 = load in the training process)."""
-    verify: Literal["open", "lazy"] = "lazy"
-    """Shard checksums: all before training (open) or each shard before its first use (lazy)."""
+    verify: Literal["open", "lazy"] = "open"
+    """Shard checksums (sha256): every shard the run reads, in parallel, before step 0 (open), or each
+    shard before its first read (lazy: starts sooner, may stop mid-run). Never trains on other bytes."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
     compile: bool = False
@@ -242,17 +246,38 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.mode != "cocomix" and (self.mix is not None or self.concept_topk or self.insert_layer is not None):
             raise ValueError(f"--mix/--concept-topk/--insert-layer only apply to --mode cocomix, not {self.mode}")
+        if self.verify not in ("open", "lazy"):
+            raise ValueError(f"--verify must be open or lazy, got {self.verify!r}")
+        for name in ("eval_every", "eval_windows", "ckpt_every", "halt_after", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# Fields whose change alters the loss curve: a resumed run must agree on all of them.
+# How each TrainConfig field relates to the run already in --out-dir (or a --resume checkpoint); the
+# one place that decides it (tests/test_trainer_ops.py checks every field is in exactly one group).
+# Fields whose change alters the loss curve or the recorded metrics: a resumed run must agree on all.
 RESUME_KEYS = (
     "mode", "labels", "lambda_concept", "lambda_kd", "dropout", "lr",
     "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+    "eval_windows",  # which val windows val_loss averages over: one curve must use one set
 )
+# Checked through what they resolve to: the model config (preset, mix, concept_topk, insert_layer,
+# concept_loss), the schedule length (steps, max_tokens), the global batch micro_batch x grad_accum x
+# ranks (the split between micro_batch and grad_accum may change: it changes float summation order
+# only), and the data identity (shards: another path to the same bytes is the same data).
+DERIVED_KEYS = ("preset", "mix", "concept_topk", "insert_layer", "concept_loss", "steps", "max_tokens",
+                "micro_batch", "grad_accum", "shards")
+# Free to differ when a run continues: how it is run, observed and saved, not what it computes.
+# device / compile change float rounding only (bit-exact resume holds on the same device).
+FREE_KEYS = ("out_dir", "resume", "workers", "progress", "log_every", "eval_every", "ckpt_every",
+             "tensorboard", "halt_after", "verify", "device", "compile")
 
 __all__ = [
-    "ConceptConfig", "ModelConfig", "TrainConfig", "PRESETS", "get_preset", "RESUME_KEYS",
+    "ConceptConfig", "ModelConfig", "TrainConfig", "PRESETS", "get_preset", "RESUME_KEYS", "DERIVED_KEYS",
+    "FREE_KEYS",
 ]

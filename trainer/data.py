@@ -101,8 +101,15 @@ def to_torch(batch: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, 
     return out
 
 
+# The key of the one-entry batch StepBatches returns instead of raising: a DataLoader worker's
+# exception reaches the trainer as a multi-line "Caught ValueError in DataLoader worker process 0 ...
+# Original Traceback" message; this way the loop raises the worker's one-line message itself.
+LOAD_ERROR = "_load_error"
+
+
 class StepBatches(Dataset):
-    """Item s = this rank's windows of step s as tensors, checked against the model's ranges."""
+    """Item s = this rank's windows of step s as tensors, checked against the model's ranges; a
+    failure to read them (bad shard, out-of-range id) is returned as ``{LOAD_ERROR: message}``."""
 
     def __init__(
         self,
@@ -131,6 +138,14 @@ class StepBatches(Dataset):
         return "shard(s) " + ", ".join(names)
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        try:
+            return self._load(step)
+        except ValueError as e:  # includes pyarrow's ArrowInvalid
+            return {LOAD_ERROR: str(e).splitlines()[0] if str(e) else type(e).__name__}
+        except (OSError, IndexError, KeyError, RuntimeError) as e:
+            return {LOAD_ERROR: f"reading the windows of step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+    def _load(self, step: int) -> dict[str, torch.Tensor]:
         idx = self.sampler.rank_indices(step, self.rank, self.world)
         raw = self.windows.get_batch(idx)
         raw = {k: raw[k] for k in self.fields}

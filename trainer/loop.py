@@ -11,6 +11,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,19 +22,25 @@ import torch
 import torch.distributed as dist
 
 from shards import load_manifest, open_split
-from trainer import checkpoint
+from trainer import checkpoint, rundir
 from trainer.config import TrainConfig
-from trainer.data import StepBatches, StepSampler, eval_batches, step_loader
+from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
 from trainer.model import GPT
 from trainer.objectives import compute_losses, concept_targets
 from trainer.validate import (
     build_model_config,
     check_manifest,
-    check_resume,
     data_identity,
+    differences,
     k_attr,
     needed_fields,
+    run_record,
 )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says what was saved and how to continue (``python -m trainer.run`` prints
+    it and exits 130)."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int, warmup: int) -> float:
@@ -84,49 +93,56 @@ def _allreduce_mean(values: list[float], world: int, device: torch.device) -> li
 
 
 class Trainer:
-    """Builds everything from a TrainConfig; ``run()`` trains and returns a summary."""
+    """Builds everything from a TrainConfig; ``run()`` trains and returns a summary.
+
+    Order matters for the user: the out-dir path, then the manifest and the run's identity against
+    what the out-dir holds (cheap, so a mistake costs no time), then the shard checksums (the slow
+    part), then the model."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.rank, self.world, local_rank = _distributed()
-        self.device = _device(cfg.device, local_rank)
         if not cfg.shards:
             raise ValueError("--shards is required: the manifest JSON of the data to train on")
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / rundir.CKPT
+        rundir.check_path(self.out)
+        self.device = _device(cfg.device, local_rank)
         self.manifest = load_manifest(cfg.shards)
         self.model_cfg = build_model_config(cfg, self.manifest)
         check_manifest(cfg, self.manifest, self.model_cfg)
         self.fields = needed_fields(cfg)
         self.dtypes = {k: self.manifest.fields[k].dtype for k in self.fields}
         self.k_attr = k_attr(self.manifest)
-        self.train_ds = open_split(self.manifest, "train", verify=cfg.verify, fields=self.fields)
-        self.val_ds = open_split(self.manifest, "val", verify=cfg.verify, fields=self.fields) if cfg.eval_windows > 0 else None
         self.T = self.manifest.seq_len
         self.G = cfg.micro_batch * cfg.grad_accum * self.world
         self.tokens_per_step = self.G * self.T
         # Neither --steps nor --max-tokens: one pass over the train split (plain `--shards M.json`).
-        budget = cfg.max_tokens or len(self.train_ds) * self.T
+        budget = cfg.max_tokens or self.manifest.splits["train"].windows * self.T
         self.total_steps = cfg.steps or budget // self.tokens_per_step
         if self.total_steps < 1:
             raise ValueError(
                 f"no steps to run: pass --steps, or a --max-tokens of at least one global batch ({self.tokens_per_step} tokens)"
             )
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 300)
+        self.record = run_record(self.model_cfg, cfg, self.world, self.total_steps,
+                                 data_identity(self.manifest, self.fields, cfg.eval_windows))
+        self.step, self.tokens = 0, 0
+        self.resume_from, self.complete = self._place()
+        self.last_ckpt: Path | None = self.resume_from
+        if self.complete:  # nothing to train: no data read, no model built, nothing written
+            return
+        self.train_ds = open_split(self.manifest, "train", verify=cfg.verify, fields=self.fields)
+        self.val_ds = (open_split(self.manifest, "val", verify=cfg.verify, fields=self.fields, limit=cfg.eval_windows)
+                       if cfg.eval_windows > 0 else None)
         self.sampler = StepSampler(len(self.train_ds), self.G, cfg.seed)
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = GPT(self.model_cfg).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # each rank's dropout stream
-        self.step, self.tokens = 0, 0
-        self.out = Path(cfg.out_dir)
-        self.ckpt_dir = self.out / "ckpt"
-        resume = cfg.resume
-        if resume == "auto":
-            resume = str(self.ckpt_dir) if (self.ckpt_dir / "config.json").is_file() else ""
-        if resume:
-            saved = checkpoint.read_config(resume)
-            check_resume(saved, self.model_cfg, cfg, self.manifest, self.world, self.total_steps)
-            state = checkpoint.load_state(resume, self.model, self.optimizer, self.rank)
+        if self.resume_from is not None:
+            state = checkpoint.load_state(self.resume_from, self.model, self.optimizer, self.rank)
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.flops_per_token = self.model.flops_per_token(self.T)
         self.fwd = self.model
@@ -139,6 +155,66 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
+
+    def _place(self) -> tuple[Path | None, bool]:
+        """Where this run starts: (checkpoint to load or None, already complete). Refuses an out-dir
+        holding another run, and a --resume checkpoint of another run, naming every difference.
+
+        The same unfinished run continues from its last complete checkpoint with or without
+        ``--resume auto``: rerunning the command that was killed is how every stage of this project
+        resumes, and nothing is lost (the steps after the checkpoint are redone bit for bit)."""
+        cfg, out = self.cfg, self.out
+        existing = rundir.inspect(out)
+        src = None
+        if cfg.resume not in ("", "auto"):
+            src = checkpoint.resolve(cfg.resume)
+            diffs = differences(checkpoint.read_config(src), self.record, self.manifest, "checkpoint")
+            if diffs:
+                raise ValueError(f"--resume {cfg.resume}: checkpoint {str(src)!r} is of another run: " + "; ".join(diffs)
+                                 + "; resume it with its own settings and data, or train anew without --resume")
+        if existing is not None:
+            diffs = differences(existing.record, self.record, self.manifest, existing.source)
+            if diffs:
+                if existing.finished:
+                    what, way = "a finished run", "the finished run there is kept"
+                else:
+                    what = f"another run (at step {existing.step} of {existing.total_steps})"
+                    way = "to continue the run there instead, rerun its own command with --resume auto"
+                raise ValueError(f"--out-dir {str(out)!r} holds {what} that differs from this one: " + "; ".join(diffs)
+                                 + f"; choose another --out-dir for this run ({way})")
+            if src is None:
+                src = existing.ckpt
+        step = int(checkpoint.read_config(src).get("step", 0)) if src is not None else 0
+        if step >= self.total_steps:
+            if self.rank == 0:
+                print(f"run complete: {str(out)!r} holds this run finished at step {step}/{self.total_steps} "
+                      f"(checkpoint {str(src)!r}); nothing to do", file=sys.stderr)
+            return src, True
+        if self.rank == 0 and (src is not None or existing is not None):
+            print(f"continuing the run in {str(out)!r} from step {step}/{self.total_steps}"
+                  + (f" (checkpoint {str(src)!r})" if src is not None else " (no checkpoint yet: from the start)"),
+                  file=sys.stderr)
+        return src, False
+
+    def _continue_hint(self) -> str:
+        if self.last_ckpt is not None:
+            return (f"the last complete checkpoint {str(self.last_ckpt)!r} is intact: rerun the same command "
+                    "to continue from it")
+        return "no checkpoint was written yet: rerun the same command to start again"
+
+    def _complete_summary(self) -> dict[str, Any]:
+        saved = checkpoint.read_config(self.resume_from)
+        rows = rundir.read_metrics(self.out / rundir.METRICS)
+        evals = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}} for r in rows if "val_loss" in r]
+        params = None
+        try:
+            params = json.loads((self.out / rundir.RECORD).read_text()).get("params")
+        except (OSError, json.JSONDecodeError):
+            pass
+        step = int(saved.get("step", self.total_steps))
+        return {"step": step, "tokens": step * self.tokens_per_step, "total_steps": self.total_steps,
+                "last": rows[-1] if rows else {}, "evals": evals, "out_dir": str(self.out), "params": params,
+                "complete": True}
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -195,30 +271,61 @@ class Trainer:
             "model": self.model_cfg.to_dict(),
             "train": self.cfg.to_dict(),
             "tokenizer": self.manifest.tokenizer,
-            "data": data_identity(self.manifest),
             "manifest": str(self.manifest.path),
             "world_size": self.world,
             "total_steps": self.total_steps,
             "step": self.step,
         }
+        config.update(self.record)  # the run record: what a resume or a rerun is compared with
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state(self.step)}
-        checkpoint.save(
-            self.ckpt_dir, self.model, self.optimizer, config, state, self.rank, self.world,
-            barrier=dist.barrier if self.world > 1 else None,
-        )
+        try:
+            self.last_ckpt = checkpoint.save(
+                self.ckpt_dir, self.model, self.optimizer, config, state, self.rank, self.world,
+                barrier=dist.barrier if self.world > 1 else None,
+            )
+        except checkpoint.CheckpointWriteError as e:
+            raise ValueError(f"checkpoint of step {self.step} not saved: {e}; {self._continue_hint()}") from e
 
     # -- the loop ----------------------------------------------------------------------------------
 
+    def _write_metrics(self, f, row: dict[str, Any]) -> None:
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        except OSError as e:
+            raise ValueError(f"could not write {str(self.out / rundir.METRICS)!r}: {e.strerror or e}; "
+                             f"{self._continue_hint()}") from e
+
+    def _start_files(self) -> None:
+        """Rank 0, before step 1: the run record, and metrics.jsonl cut back to the resumed step."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resolved = {**self.record, "warmup_steps": self.warmup, "params": self.model.num_params(),
+                    "flops_per_token": self.flops_per_token}
+        try:
+            rundir.write_json(self.out / rundir.RECORD, resolved)
+            rundir.truncate_metrics(self.out / rundir.METRICS, self.step)
+        except OSError as e:
+            raise ValueError(f"could not write in --out-dir {str(self.out)!r}: {e}") from e
+
+    def _interrupted(self, saved: bool) -> Interrupted:
+        where = f"{self.step}/{self.total_steps}"
+        if saved and self.last_ckpt is not None:
+            what = f"saved checkpoint {str(self.last_ckpt)!r}"
+        elif self.last_ckpt is not None:
+            what = f"the last complete checkpoint is {str(self.last_ckpt)!r}"
+        else:
+            what = "no checkpoint was written"
+        return Interrupted(f"interrupted at step {where}: {what}; rerun the same command (or add --resume auto) to continue")
+
     def run(self) -> dict[str, Any]:
+        if self.complete:
+            return self._complete_summary()
         cfg, is_main = self.cfg, self.rank == 0
         if is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            resolved = {"train": cfg.to_dict(), "model": self.model_cfg.to_dict(), "world_size": self.world,
-                        "total_steps": self.total_steps, "warmup_steps": self.warmup,
-                        "params": self.model.num_params(), "flops_per_token": self.flops_per_token}
-            (self.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        metrics_f = open(self.out / "metrics.jsonl", "a") if is_main else None
-        tb = _tensorboard(self.out / "tb") if (cfg.tensorboard and is_main) else None
+            self._start_files()
+        metrics_f = None
+        tb = None
+        stop_request = _StopOnSigint() if self.world == 1 else contextlib.nullcontext(None)
         source = StepBatches(
             self.train_ds, self.sampler, self.fields, self.dtypes, self.rank, self.world,
             vocab_size=self.model_cfg.vocab_size,
@@ -227,77 +334,69 @@ class Trainer:
         stop = self.total_steps if not cfg.halt_after else min(self.total_steps, self.step + cfg.halt_after)
         loader = step_loader(source, self.step, stop, cfg.workers, pin_memory=self.device.type == "cuda")
         bar = None
-        if is_main and cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.mode}", unit="step")
         params = [p for p in self.model.parameters() if p.requires_grad]
         last: dict[str, Any] = {}
         evals: list[dict[str, float]] = []
-        t_prev = time.perf_counter()
         self.model.train()
         try:
-            for batch in loader:
-                lr = lr_at(self.step, cfg, self.total_steps, self.warmup)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                sums = [0.0, 0.0, 0.0]
-                denom = self._concept_denom(batch)
-                for a in range(cfg.grad_accum):
-                    mb = {k: v[a * cfg.micro_batch : (a + 1) * cfg.micro_batch].to(self.device, non_blocking=True) for k, v in batch.items()}
-                    sync = self.world == 1 or a == cfg.grad_accum - 1
-                    ctx = contextlib.nullcontext() if sync else self.fwd.no_sync()
-                    with ctx:
-                        with self.autocast:
-                            losses = self._losses(mb, self.fwd, denom)
-                        (losses.total / cfg.grad_accum).backward()
-                    sums[0] += losses.total.item() / cfg.grad_accum
-                    sums[1] += (losses.concept.item() if losses.concept is not None else 0.0) / cfg.grad_accum
-                    sums[2] += (losses.kd.item() if losses.kd is not None else 0.0) / cfg.grad_accum
-                if cfg.grad_clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-                else:
-                    gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.tokens += self.tokens_per_step
-                loss, l_c, l_kd = _allreduce_mean(sums, self.world, self.device)
-                now = time.perf_counter()
-                tok_s = self.tokens_per_step / max(now - t_prev, 1e-9)
-                t_prev = now
-                last = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                        "flops": self.flops_per_token * self.tokens, "tokens_per_s": tok_s}
-                if cfg.mode == "cocomix":
-                    last["concept_loss"] = l_c
-                    last["ntp_loss"] = loss - (cfg.lambda_concept * l_c if self.model_cfg.concept.concept_loss else 0.0)
-                elif cfg.mode == "kd":
-                    last["kd_loss"] = l_kd
-                    last["ntp_loss"] = loss - cfg.lambda_kd * l_kd
-                else:
-                    last["ntp_loss"] = loss
-                is_last = self.step == self.total_steps
-                if self.val_ds is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or is_last):
-                    ev = self.evaluate()
-                    last.update(ev)
-                    evals.append({"step": self.step, **ev})
-                if is_main and (self.step % cfg.log_every == 0 or "val_loss" in last or is_last):
-                    metrics_f.write(json.dumps(last) + "\n")
-                    metrics_f.flush()
-                    if tb is not None:
-                        for k, v in last.items():
-                            if k != "step":
-                                tb.add_scalar(k, v, self.step)
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or is_last:
-                    self.save()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            with stop_request as sigint:
+                if is_main:
+                    try:
+                        metrics_f = open(self.out / rundir.METRICS, "a")
+                    except OSError as e:
+                        raise ValueError(f"could not open {str(self.out / rundir.METRICS)!r}: {e.strerror or e}") from e
+                    tb = _tensorboard(self.out / "tb") if cfg.tensorboard else None
+                if is_main and cfg.progress:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.mode}", unit="step")
+                t_prev = time.perf_counter()
+                batches = iter(loader)
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except Exception:
+                        if sigint is not None and sigint.requested:  # a loader worker died of the Ctrl-C
+                            raise self._interrupted(self._save_on_stop()) from None
+                        raise
+                    if LOAD_ERROR in batch:  # a worker's ValueError, reported as one line (data.StepBatches)
+                        raise ValueError(batch[LOAD_ERROR])
+                    last = self._train_step(batch, params)
+                    tok_s = self.tokens_per_step / max((now := time.perf_counter()) - t_prev, 1e-9)
+                    t_prev = now
+                    last["tokens_per_s"] = tok_s
+                    is_last = self.step == self.total_steps
+                    if self.val_ds is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or is_last):
+                        ev = self.evaluate()
+                        last.update(ev)
+                        evals.append({"step": self.step, **ev})
+                    if is_main and (self.step % cfg.log_every == 0 or "val_loss" in last or is_last):
+                        self._write_metrics(metrics_f, last)
+                        if tb is not None:
+                            for k, v in last.items():
+                                if k != "step":
+                                    tb.add_scalar(k, v, self.step)
+                    saved = False
+                    if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or is_last:
+                        self.save()
+                        saved = True
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                    if sigint is not None and sigint.requested and not is_last:
+                        raise self._interrupted(saved or self._save_on_stop())
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # before the handler was in place, or a second Ctrl-C: no new save
+            raise self._interrupted(False) from None
         finally:
             if bar is not None:
                 bar.close()
             if metrics_f is not None:
-                metrics_f.close()
+                with contextlib.suppress(OSError):
+                    metrics_f.close()
             if tb is not None:
                 tb.close()
             for ds in (self.train_ds, self.val_ds):
@@ -305,6 +404,83 @@ class Trainer:
                     ds.close()
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "last": last, "evals": evals,
                 "out_dir": str(self.out), "params": self.model.num_params()}
+
+    def _save_on_stop(self) -> bool:
+        """Ctrl-C between steps: save this step unless it is the saved one."""
+        if self.last_ckpt is not None and self.last_ckpt.name == checkpoint.step_dir_name(self.step):
+            return True
+        self.save()
+        return True
+
+    def _train_step(self, batch: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg, self.total_steps, self.warmup)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        sums = [0.0, 0.0, 0.0]
+        denom = self._concept_denom(batch)
+        for a in range(cfg.grad_accum):
+            mb = {k: v[a * cfg.micro_batch : (a + 1) * cfg.micro_batch].to(self.device, non_blocking=True) for k, v in batch.items()}
+            sync = self.world == 1 or a == cfg.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.fwd.no_sync()
+            with ctx:
+                with self.autocast:
+                    losses = self._losses(mb, self.fwd, denom)
+                (losses.total / cfg.grad_accum).backward()
+            sums[0] += losses.total.item() / cfg.grad_accum
+            sums[1] += (losses.concept.item() if losses.concept is not None else 0.0) / cfg.grad_accum
+            sums[2] += (losses.kd.item() if losses.kd is not None else 0.0) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        loss, l_c, l_kd = _allreduce_mean(sums, self.world, self.device)
+        last = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                "flops": self.flops_per_token * self.tokens}
+        if cfg.mode == "cocomix":
+            last["concept_loss"] = l_c
+            last["ntp_loss"] = loss - (cfg.lambda_concept * l_c if self.model_cfg.concept.concept_loss else 0.0)
+        elif cfg.mode == "kd":
+            last["kd_loss"] = l_kd
+            last["ntp_loss"] = loss - cfg.lambda_kd * l_kd
+        else:
+            last["ntp_loss"] = loss
+        return last
+
+
+class _StopOnSigint:
+    """While active (single process, main thread, default handler): the first Ctrl-C only sets
+    ``requested``, so the loop ends the step, saves and stops cleanly; a second one interrupts now.
+    Loader workers forked meanwhile inherit the handler and ignore the signal (pid check): they keep
+    serving the step in flight instead of dying."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._pid = os.getpid()
+        self._prev = None
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now, unsaved)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopOnSigint | None:
+        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+        self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
 
 
 def _tensorboard(path: Path):

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train; raises ValueError (or OSError) for a user mistake, trainer.loop.Interrupted on Ctrl-C."""
     args = build_parser().parse_args(argv)
     cfg = dataclass_from_args(TrainConfig, args)
     from trainer.loop import train  # after parsing, so --help stays fast
@@ -36,14 +37,35 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     last = summary.get("last", {})
-    if cfg.progress:
+    if cfg.progress and not summary.get("complete"):
         print(json.dumps({k: summary[k] for k in ("step", "tokens", "out_dir", "params")} | {"last": last}), file=sys.stderr)
     return summary
 
 
-if __name__ == "__main__":
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (validators list several problems on indented lines)."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m trainer.run``: exit 0 when trained (or already complete), 2 with one ``error:``
+    line for a user mistake (bad option, data, out-dir, full disk), 130 on Ctrl-C."""
     try:
-        main()
-    except ValueError as e:  # a bad manifest, shard, checkpoint or option: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+    except ValueError as e:  # a bad manifest, shard, checkpoint, option or out-dir: the message says what to do
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path of the user's: unreadable, not writable, disk full
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # trainer.loop.Interrupted says what was saved
+        print(f"\n{one_line(e) if str(e) else 'interrupted before training started: nothing was written'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -4,6 +4,8 @@ a resume checkpoint against the run. Each collects every problem and raises one 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from trainer.config import RESUME_KEYS, ModelConfig, TrainConfig, get_preset
@@ -100,38 +102,138 @@ def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
         raise ValueError(f"{where} cannot be used for this run:\n  - " + "\n  - ".join(e))
 
 
-def data_identity(manifest) -> dict[str, Any]:
-    """What a resumed run must read the same of: tokenizer, concepts, window layout."""
+_CONCEPT_FIELDS = ("concept_ids", "concept_scores", "mix_ids", "mix_vals")
+_TEACHER_FIELDS = (*_CONCEPT_FIELDS, "kd_ids", "kd_logprobs")
+
+
+def _read_shards(manifest, eval_windows: int) -> dict[str, list]:
+    """Per split, the shards a run reads: every train shard, and the val shards holding the first
+    ``eval_windows`` windows (the only ones evaluated: :func:`trainer.data.eval_batches`)."""
+    read = {"train": list(manifest.splits["train"].shards) if "train" in manifest.splits else []}
+    if eval_windows > 0 and "val" in manifest.splits:
+        val, n = [], 0
+        for sh in manifest.splits["val"].shards:
+            if n >= eval_windows:
+                break
+            val.append(sh)
+            n += sh.windows
+        read["val"] = val
+    return read
+
+
+def _short(checksum: str) -> str:
+    return str(checksum).split(":", 1)[-1][:12]
+
+
+def shard_name(manifest, split: str, i: int, part: str) -> str:
+    """``train-00003`` for the i-th shard of a split (its file name without extensions)."""
+    try:
+        return Path(manifest.splits[split].shards[i].parts[part].path).name.split(".")[0]
+    except (KeyError, IndexError):
+        return f"{split} shard {i}"
+
+
+def data_identity(manifest, fields: list[str], eval_windows: int) -> dict[str, Any]:
+    """Everything that decides the bytes a run reads, compactly: the tokenizer, seq_len and window
+    counts; for concept / KD fields the teacher, SAE, attribution variant, hook layer and k's; and per
+    shard part read (``tokens``, ``concepts``) one digest of its shards' checksums (train, then the
+    evaluated val shards) plus 12 hex digits per shard, which name a differing shard on resume."""
+    read = _read_shards(manifest, eval_windows)
+    parts = [p for p in manifest.parts if any(manifest.field_parts.get(f) == p for f in fields)]
+    checksums: dict[str, str] = {}
+    shards: dict[str, dict[str, list[str]]] = {}
+    for part in parts:
+        h = hashlib.sha256()
+        shards[part] = {}
+        for split, shs in read.items():
+            shards[part][split] = []
+            for sh in shs:
+                c = sh.parts[part].checksum
+                h.update(f"{split}\0{sh.windows}\0{c}\0".encode())
+                shards[part][split].append(_short(c))
+        checksums[part] = "sha256:" + h.hexdigest()[:32]
+    att = manifest.attribution or {}
+    teacher_fields = any(f in _TEACHER_FIELDS for f in fields)
+    concept_fields = any(f in _CONCEPT_FIELDS for f in fields)
+    val = manifest.splits.get("val")
     return {
         "tokenizer_fingerprint": manifest.tokenizer.get("fingerprint"),
-        "sae_fingerprint": (manifest.sae or {}).get("fingerprint"),
         "seq_len": manifest.seq_len,
         "train_windows": manifest.splits["train"].windows if "train" in manifest.splits else 0,
+        "val_windows": min(eval_windows, val.windows) if (val is not None and eval_windows > 0) else 0,
+        "teacher_fingerprint": (manifest.teacher or {}).get("fingerprint") if teacher_fields else None,
+        "sae_fingerprint": (manifest.sae or {}).get("fingerprint") if concept_fields else None,
+        "attribution": att.get("variant") if concept_fields else None,
+        "hook_layer": (manifest.hook or {}).get("layer") if concept_fields else None,
+        "k_attr": k_attr(manifest) if "concept_ids" in fields else None,
+        "k_mix": manifest.fields["mix_ids"].shape[-1] if "mix_ids" in fields else None,
+        "k_kd": manifest.fields["kd_ids"].shape[-1] if "kd_ids" in fields else None,
+        "checksums": checksums,
+        "shards": shards,
     }
 
 
-def check_resume(saved: dict[str, Any], model: ModelConfig, cfg: TrainConfig, manifest, world: int, total_steps: int) -> None:
-    """``saved``: the checkpoint's config.json. Every difference that would change the loss curve
-    is an error (RESUME_KEYS), listed together."""
+def run_record(model: ModelConfig, cfg: TrainConfig, world: int, total_steps: int, identity: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run: written to OUT/config.json and every checkpoint's config.json."""
+    return {"model": model.to_dict(), "train": cfg.to_dict(), "world_size": world, "total_steps": total_steps,
+            "data": identity}
+
+
+def _data_differences(saved: dict[str, Any], now: dict[str, Any], manifest, what: str) -> list[str]:
     e: list[str] = []
-    sm = saved.get("model", {})
-    for k, v in model.to_dict().items():
+    for k, v in now.items():
+        if k == "shards":
+            continue
+        if k == "checksums":
+            old = saved.get("checksums")
+            if not isinstance(old, dict):
+                e.append(f"data.checksums: the {what} records none (written by an older version), this manifest {sorted(v)}")
+                continue
+            for part in sorted(set(old) | set(v)):
+                if old.get(part) != v.get(part):
+                    e.append(f"data.{part}_checksums: {_name_shard_difference(saved, now, part, manifest, what)}")
+            continue
+        if saved.get(k) != v:
+            e.append(f"data.{k}: {what} {saved.get(k)!r}, this manifest {v!r}")
+    return e
+
+
+def _name_shard_difference(saved: dict[str, Any], now: dict[str, Any], part: str, manifest, what: str) -> str:
+    a_all, b_all = (saved.get("shards") or {}).get(part), (now.get("shards") or {}).get(part)
+    if a_all is None:
+        return f"the {what} does not read part {part!r}" if b_all is not None else f"this run does not read part {part!r}"
+    if b_all is None:
+        return f"this run does not read part {part!r}, the {what} does"
+    for split in ("train", "val"):
+        a, b = a_all.get(split, []), b_all.get(split, [])
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            if x != y:
+                return f"shard {shard_name(manifest, split, i, part)} differs ({what} {x}..., this manifest {y}...)"
+        if len(a) != len(b):
+            return f"{split} has {len(b)} shard(s) in this manifest, {len(a)} in the {what}"
+    return "the shard checksums differ"
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any], manifest, what: str = "checkpoint") -> list[str]:
+    """Every difference between a recorded run (a checkpoint's or OUT/config.json) and this one that
+    changes the loss curve or the data (RESUME_KEYS, the model, global batch, schedule, data
+    identity), as ``"key: <what> A, this run B"``; empty when this run may continue it."""
+    e: list[str] = []
+    sm, nm = saved.get("model") or {}, now["model"]
+    for k, v in nm.items():
         if sm.get(k) != v:
-            e.append(f"model.{k}: checkpoint {sm.get(k)!r}, this run {v!r}")
-    st = saved.get("train", {})
+            e.append(f"model.{k}: {what} {sm.get(k)!r}, this run {v!r}")
+    st, nt = saved.get("train") or {}, now["train"]
     for k in RESUME_KEYS:
-        if st.get(k) != getattr(cfg, k):
-            e.append(f"{k}: checkpoint {st.get(k)!r}, this run {getattr(cfg, k)!r}")
-    if saved.get("world_size", 1) * st.get("micro_batch", 0) * st.get("grad_accum", 0) != world * cfg.micro_batch * cfg.grad_accum:
+        if st.get(k) != nt[k]:
+            e.append(f"{k}: {what} {st.get(k)!r}, this run {nt[k]!r}")
+    sw, nw = saved.get("world_size", 1), now["world_size"]
+    if sw * (st.get("micro_batch") or 0) * (st.get("grad_accum") or 0) != nw * nt["micro_batch"] * nt["grad_accum"]:
         e.append(
-            f"global batch: checkpoint {saved.get('world_size', 1)} ranks x {st.get('micro_batch')} x {st.get('grad_accum')}, "
-            f"this run {world} x {cfg.micro_batch} x {cfg.grad_accum}"
+            f"global batch: {what} {sw} ranks x {st.get('micro_batch')} x {st.get('grad_accum')}, "
+            f"this run {nw} x {nt['micro_batch']} x {nt['grad_accum']}"
         )
-    if saved.get("total_steps") != total_steps:
-        e.append(f"schedule length: checkpoint {saved.get('total_steps')} steps, this run {total_steps} (--steps / --max-tokens)")
-    ident = data_identity(manifest)
-    for k, v in ident.items():
-        if saved.get("data", {}).get(k) != v:
-            e.append(f"data.{k}: checkpoint {saved.get('data', {}).get(k)!r}, this manifest {v!r}")
-    if e:
-        raise ValueError("the resume checkpoint does not match this run:\n  - " + "\n  - ".join(e))
+    if saved.get("total_steps") != now["total_steps"]:
+        e.append(f"schedule length: {what} {saved.get('total_steps')} steps, this run {now['total_steps']} (--steps / --max-tokens)")
+    e += _data_differences(saved.get("data") or {}, now["data"], manifest, what)
+    return e
