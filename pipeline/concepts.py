@@ -12,7 +12,13 @@ new NAME next to this one and reuses the same token shards; both manifests stay 
 Run once, resume always: one worker writes each concept shard (temporary name + rename), the
 manifest is rewritten after every shard with that shard's checksum (``stats.complete`` stays false
 until the last one), and a rerun of the same command verifies the checksums of finished shards and
-does only the rest. The bytes do not depend on the batch size or the number of workers (fp32 on
+does only the rest. The finished manifest holds nothing that depends on the run (no times, no
+throughput): killed at any instant and rerun, the same command writes the same bytes. Timings go to
+``CONCEPT_DIR/runs.jsonl``, one JSON line per invocation.
+
+Nothing of the user's is replaced: ``--manifest`` must be absent or a concept manifest of this same
+extraction, the concept directory must hold only files this command writes, and ``--overwrite``
+replaces only those (shards, extraction.json, runs.jsonl, temporaries) and a cocomix concept manifest. The bytes do not depend on the batch size or the number of workers (fp32 on
 CPU): each shard is computed by one worker, each window's numbers do not depend on its batch mates
 (runner.py), and the writer's block boundaries are fixed window counts (shards/writer.py).
 """
@@ -20,15 +26,22 @@ CPU): each shard is computed by one worker, each window's numbers do not depend 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -36,10 +49,18 @@ import torch
 from pipeline.extract_worker import ExtractWorker, Progress, ShardJob, ShardResult
 from pipeline.runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from shards import Manifest, ShardPart, checksum, load_manifest, open_shard
+from shards.atomic import atomic_path
+from shards.checksum import disk_bytes
 from shards.cli import add_dataclass_args, dataclass_from_args
+from shards.manifest import inspect_path
 
 log = logging.getLogger("pipeline.extract")
 EXTRACTION_FILE = "extraction.json"  # the settings of the extraction a concept directory holds
+RUN_LOG = "runs.jsonl"  # one JSON line per invocation: timings, throughput, outcome (stage 1: OUT/runs.jsonl)
+# The only names this command writes in a concept directory: shards, the two files above, and the
+# temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.(arrow|zarr)$")
+_TEMPORARY = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}$")
 MAX_SHARD_RETRIES = 3  # resubmissions of a shard whose worker died (the actor itself is restarted by Ray)
 
 
@@ -90,7 +111,7 @@ class ExtractConfig:
     zarr_compression: Literal["none", "zstd"] = "none"
     """Zarr compression (--format zarr)."""
     overwrite: bool = False
-    """Replace a concept directory that holds a different extraction."""
+    """Replace a different extraction of the same name: only what stage 2 wrote (concept shards, extraction.json, runs.jsonl, a concept manifest), never other files."""
     ray_address: str | None = None
     """Ray address (default: RAY_ADDRESS, a running cluster, else embedded; 'local' forces embedded)."""
 
@@ -203,9 +224,15 @@ def check_inputs(cfg: ExtractConfig) -> tuple[dict, Any, int]:
 
 
 def check_tokens(m: Manifest, teacher: dict) -> None:
-    """The token shards must come from this teacher's tokenizer."""
+    """The token shards must be a stage-1 dataset made with this teacher's tokenizer."""
     from pipeline.teacher import load_tokenizer, tokenizer_fingerprint
 
+    if m.kind != "tokens":
+        src = next((sh.parts["tokens"].path.parent for s in m.splits.values() for sh in s.shards
+                    if "tokens" in sh.parts), None)
+        hint = f" (its token shards are in {src})" if src else ""
+        raise ValueError(f"--tokens {m.path} is a {m.kind} manifest, not stage-1 output; pass the stage-1 output "
+                         f"directory{hint}")
     if "tokens" not in m.fields:
         raise ValueError(f"{m.path}: no tokens field; pass a stage-1 output directory to --tokens")
     fp = tokenizer_fingerprint(load_tokenizer(teacher["name"]))
@@ -219,43 +246,174 @@ def check_tokens(m: Manifest, teacher: dict) -> None:
         raise ValueError(f"token vocabulary {m.tokenizer['vocab_size']} exceeds the teacher's {teacher['vocab_size']}")
 
 
+def verify_token_shards(m: Manifest) -> float:
+    """Every token shard exists, has the manifest's size and checksum: checked before the teacher
+    loads, so a damaged input stops the run with one line instead of failing inside a worker.
+    Returns the seconds it took (all sizes first, so a missing shard is reported at once)."""
+    t0 = time.perf_counter()
+    parts = [sh.parts["tokens"] for s in m.splits.values() for sh in s.shards]
+    again = "; re-run stage 1 to rewrite it (or restore the file)"
+    for p in parts:
+        if not p.path.exists():
+            raise ValueError(f"token shard {p.path} (listed in {m.path}) is missing{again}")
+        size = disk_bytes(p.path)
+        if size != p.bytes:
+            raise ValueError(f"token shard {p.path} has {size:,} bytes, {m.path} says {p.bytes:,}: it was changed{again}")
+    for p in parts:
+        got = checksum(p.path)
+        if got != p.checksum:
+            raise ValueError(f"token shard {p.path} is corrupted: its sha256 differs from {m.path}{again}")
+    seconds = time.perf_counter() - t0
+    log.info("verified %d token shard(s), %.1f MB, in %.2f s", len(parts), sum(p.bytes for p in parts) / 1e6, seconds)
+    return seconds
+
+
+# -- where the output goes ------------------------------------------------------------------------
+
+
+def _ours(name: str) -> bool:
+    """Whether a name in a concept directory is one this command writes."""
+    t = _TEMPORARY.match(name)
+    base = t.group(1) if t else name
+    return base in (EXTRACTION_FILE, RUN_LOG) or bool(_SHARD_NAME.match(base))
+
+
+def _foreign(d: Path) -> list[str]:
+    return sorted(f.name for f in d.iterdir() if not _ours(f.name)) if d.is_dir() else []
+
+
+def command(cfg: ExtractConfig, **changes: Any) -> str:
+    """The command line of ``cfg`` with ``changes``: the exact command a refusal tells the user to run."""
+    cfg = dataclasses.replace(cfg, **changes)
+    words = ["python", "pipeline/extract.py"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _free_manifest(cfg: ExtractConfig) -> Path:
+    """A manifest path next to ``--manifest`` whose name, and so concept directory, is unused."""
+    mp = cfg.manifest_path.absolute()
+    for n in range(2, 10_000):
+        cand = mp.with_name(f"{mp.stem}-{n}{mp.suffix or '.json'}")
+        if not cand.exists() and not (Path(cfg.out) / "concepts" / cand.stem).exists():
+            return cand
+    raise ValueError(f"no free manifest name next to {mp}")  # pragma: no cover
+
+
+def _elsewhere(cfg: ExtractConfig) -> str:
+    return f"to keep it, pass another --manifest (its name picks the concept directory): {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}"
+
+
+def _writable_dir(path: Path, flag: str) -> None:
+    """``path`` is (or will be made as) a directory: refuse a file there or above it, or a read-only place."""
+    p = path.absolute()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag}: {p} is a file, not a directory; pass another {flag}")
+    top = p
+    while not top.exists() and top != top.parent:
+        top = top.parent
+    if not top.is_dir():
+        raise ValueError(f"{flag}: {top} is a file, so {p} cannot be a directory; pass another {flag}")
+    if not os.access(top, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: {top} is not writable; pass another {flag}")
+
+
+def check_paths(cfg: ExtractConfig) -> None:
+    """Everything about ``--out`` and ``--manifest`` that needs no settings, before any heavy work:
+    the places must be directories we can write, the manifest path must be absent or hold a cocomix
+    concept manifest, and the concept directory must hold only files this command writes."""
+    mp, cdir = cfg.manifest_path.absolute(), cfg.concept_dir.absolute()
+    _writable_dir(Path(cfg.out), "--out")
+    _writable_dir(mp.parent, "--manifest")
+    _writable_dir(cdir, "--out")
+    if cdir in mp.parents:
+        raise ValueError(f"--manifest {mp} lies inside its own concept directory {cdir}; put it elsewhere, e.g. {cfg.out}")
+    there = inspect_path(mp)
+    if there.kind == "directory":
+        raise ValueError(f"--manifest {mp} is a directory; pass a file name, e.g. --manifest {mp / 'concepts.json'}")
+    if there.kind == "other":
+        raise ValueError(f"--manifest {mp} holds {there.what}, not a manifest of stage 2; it is left alone: pass another "
+                         f"--manifest: {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+    if there.kind == "damaged" and not cfg.overwrite:
+        raise ValueError(f"--manifest {mp} holds {there.what}; {_elsewhere(cfg)}; to replace it: {command(cfg, overwrite=True)}")
+    if there.manifest is not None and there.manifest.kind != "concepts":
+        raise ValueError(f"--manifest {mp} holds {there.what} (stage-1 output, which stage 2 never replaces); pass "
+                         f"another --manifest: {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+    foreign = _foreign(cdir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"concept directory {cdir} holds files stage 2 did not write ({shown}); it writes only its shards "
+                         f"there and never removes other files: move them away, or pass another --manifest (its name "
+                         f"picks the concept directory): {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+
+
+def _differs(there: dict, settings: dict, ignore: tuple[str, ...]) -> list[str]:
+    def short(v: Any) -> str:
+        t = json.dumps(v) if not isinstance(v, str) else v
+        return t if len(t) <= 24 else t[:21] + "..."
+
+    keys = sorted((set(there) | set(settings)) - set(ignore))
+    return [f"{k} (there: {short(there.get(k))}, this run: {short(settings.get(k))})"
+            for k in keys if there.get(k) != settings.get(k)]
+
+
 def check_output(cfg: ExtractConfig, settings: dict, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a concept directory or manifest that holds a different extraction (unless --overwrite)."""
-
-    def differs(other: dict) -> list[str]:
-        keys = (set(other) | set(settings)) - set(ignore)
-        return sorted(k for k in keys if other.get(k) != settings.get(k))
-
-    marker = cfg.concept_dir / EXTRACTION_FILE
+    """Refuse a concept directory or manifest that holds a different extraction (unless --overwrite),
+    naming the settings that differ and the commands to keep it or to replace it."""
+    cdir, mp = cfg.concept_dir.absolute(), cfg.manifest_path.absolute()
+    replace = f"to replace it (only what stage 2 wrote): {command(cfg, overwrite=True)}"
+    marker = cdir / EXTRACTION_FILE
     if marker.is_file():
-        bad = differs(json.loads(marker.read_text()))
-        if bad and not cfg.overwrite:
-            raise ValueError(
-                f"{cfg.concept_dir} holds a different extraction (differs in: {', '.join(bad)}); pass another "
-                "--manifest (its name picks the concept directory) or --overwrite"
-            )
-    elif cfg.concept_dir.is_dir() and any(cfg.concept_dir.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"{cfg.concept_dir} is not empty and holds no {EXTRACTION_FILE}; pass --overwrite or another --manifest")
-    if cfg.manifest_path.is_file() and not cfg.overwrite:
         try:
-            old = load_manifest(cfg.manifest_path)
-        except ValueError:
-            return  # a damaged manifest is rewritten; its shards are redone
-        bad = differs(old.settings)
-        if old.kind != "concepts" or bad:
-            raise ValueError(
-                f"manifest {cfg.manifest_path} describes a different dataset"
-                + (f" (differs in: {', '.join(bad)})" if bad else f" (kind {old.kind})")
-                + "; pass another --manifest or --overwrite"
-            )
+            there = json.loads(marker.read_text())
+            bad = _differs(there, settings, ignore) if isinstance(there, dict) else [f"{EXTRACTION_FILE} is not an object"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad = [f"{EXTRACTION_FILE} cannot be read ({e})"]
+        if bad and not cfg.overwrite:
+            raise ValueError(f"concept directory {cdir} holds a different extraction (differs in: {', '.join(bad)}); "
+                             f"{_elsewhere(cfg)}; {replace}")
+    elif cdir.is_dir() and any(cdir.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"concept directory {cdir} holds concept shards but no {EXTRACTION_FILE} (their settings are "
+                         f"unknown); {_elsewhere(cfg)}; {replace}")
+    old = inspect_path(mp).manifest
+    if old is None or cfg.overwrite:
+        return
+    bad = _differs(old.settings, settings, ignore)
+    dirs = {sh.parts["concepts"].path.parent for s in old.splits.values() for sh in s.shards if "concepts" in sh.parts}
+    if dirs and dirs != {cdir.resolve()}:
+        bad.append(f"concept directory (there: {', '.join(map(str, sorted(dirs)))}, this run: {cdir}; another --out)")
+    if bad:
+        raise ValueError(f"manifest {mp} describes a different extraction (differs in: {', '.join(bad)}); "
+                         f"{_elsewhere(cfg)}; {replace}")
 
 
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate everything, run stage 1 if asked, and fix the settings that decide every byte."""
+    from pipeline.raylib import check_job_paths
+
+    # Inside `ray job submit`, a relative path would land in Ray's temporary copy of --working-dir.
+    check_job_paths({"--out": cfg.out, "--manifest": cfg.manifest, "--tokens": cfg.tokens, "--corpus": cfg.corpus,
+                     "--val-corpus": cfg.val_corpus, "--sae": cfg.sae})
+    check_paths(cfg)  # cheap, and before the teacher's weights are hashed
     teacher, sae, layer = check_inputs(cfg)
-    token_manifest = load_manifest(cfg.tokens) if cfg.tokens else None  # a bad path fails before Ray starts
-    if token_manifest is not None:
+    token_manifest = None
+    if cfg.tokens:  # a bad path or damaged shard fails before Ray starts
+        try:
+            token_manifest = load_manifest(cfg.tokens)
+        except ValueError as e:
+            raise ValueError(f"--tokens: {e}") from None
         check_tokens(token_manifest, teacher)
+        verify_token_shards(token_manifest)
     from pipeline.raylib import init_ray
 
     mode = init_ray(cfg.ray_address)
@@ -284,6 +442,7 @@ def plan(cfg: ExtractConfig) -> Plan:
                                                  out=str(Path(cfg.out) / "tokens"), seq_len=cfg.seq_len,
                                                  ray_address=cfg.ray_address))
         check_tokens(token_manifest, teacher)
+        verify_token_shards(token_manifest)
     settings["tokens"] = token_identity(token_manifest)
     check_output(cfg, settings)
     log.info("Ray %s: %d GPU(s); teacher %s, SAE %s (%d latents, k=%s) at layer %d", mode, gpus,
@@ -294,7 +453,7 @@ def plan(cfg: ExtractConfig) -> Plan:
 # -- the manifest ---------------------------------------------------------------------------------
 
 
-def build_manifest(p: Plan, done: dict[str, tuple[ShardPart, dict]], jobs: list[ShardJob], stats: dict) -> Manifest:
+def build_manifest(p: Plan, done: dict[str, ShardPart], jobs: list[ShardJob], stats: dict) -> Manifest:
     """The concept manifest over the finished shards, in token-shard order."""
     tm, cfg = p.token_manifest, p.cfg
     fields = {"tokens": tm.fields["tokens"], **record_fields(tm.seq_len, p.sae["n_latents"], cfg.runner_config("cpu"))}
@@ -316,7 +475,7 @@ def build_manifest(p: Plan, done: dict[str, tuple[ShardPart, dict]], jobs: list[
     )
     for job in jobs:
         if job.key in done:
-            m.add_shard(job.split, job.windows, {"tokens": job.tokens, "concepts": done[job.key][0]})
+            m.add_shard(job.split, job.windows, {"tokens": job.tokens, "concepts": done[job.key]})
     for name, s in tm.splits.items():
         m.splits.setdefault(name, type(s)()).extra.update(s.extra)
     return m
@@ -381,21 +540,13 @@ def make_jobs(p: Plan) -> list[ShardJob]:
     return jobs
 
 
-def finished_shards(p: Plan, jobs: list[ShardJob]) -> tuple[dict[str, tuple[ShardPart, dict]], dict]:
-    """Shards of a previous run whose manifest entry, token shard and checksum all still hold, and
-    that run's stats."""
+def finished_shards(p: Plan, jobs: list[ShardJob]) -> dict[str, ShardPart]:
+    """Shards of a previous run whose manifest entry, token shard and checksum all still hold."""
     path = p.cfg.manifest_path
-    if p.cfg.overwrite or not path.is_file():
-        return {}, {}
-    try:
-        old = load_manifest(path)
-    except ValueError as e:
-        log.warning("ignoring unreadable manifest %s (%s): redoing every shard", path, e)
-        return {}, {}
-    if old.settings != p.settings:
-        return {}, {}
+    old = None if p.cfg.overwrite else inspect_path(path).manifest  # check_paths refused anything else
+    if old is None or old.settings != p.settings:
+        return {}
     by_path = {str(sh.parts["concepts"].path): sh for s in old.splits.values() for sh in s.shards}
-    per_shard = old.stats.get("shards", {})
     done = {}
     for job in jobs:
         sh = by_path.get(str(Path(job.out).resolve()))
@@ -403,17 +554,86 @@ def finished_shards(p: Plan, jobs: list[ShardJob]) -> tuple[dict[str, tuple[Shar
             continue
         part = sh.parts["concepts"]
         if part.path.exists() and checksum(part.path) == part.checksum:
-            done[job.key] = (part, per_shard.get(job.key, {}))
+            done[job.key] = part
         else:
             log.warning("%s is missing or damaged: redoing it", part.path)
-    return done, old.stats
+    return done
 
 
-def _clean_temporaries(d: Path) -> None:
-    import shutil
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
-    for t in d.glob(".*.tmp-*"):  # left by a killed worker (shards.PartWriter / shards.atomic)
-        shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+
+def _clean_temporaries(cfg: ExtractConfig) -> None:
+    """Temporaries of a killed run (shards.PartWriter / shards.atomic): in the concept directory, and
+    the manifest's own beside it; only names this command writes."""
+    for t in cfg.concept_dir.iterdir():
+        if _TEMPORARY.match(t.name) and _ours(t.name):
+            _remove(t)
+    mp = cfg.manifest_path.absolute()
+    for t in mp.parent.glob(f".{glob.escape(mp.name)}.tmp-*"):
+        if _TEMPORARY.match(t.name):
+            _remove(t)
+
+
+def _prepare_concept_dir(p: Plan) -> None:
+    """Create the concept directory; with --overwrite remove what stage 2 wrote there (check_paths
+    refused a directory holding anything else); record the settings."""
+    cfg = p.cfg
+    d = cfg.concept_dir
+    if cfg.overwrite and d.is_dir():
+        for f in d.iterdir():
+            if _ours(f.name):
+                _remove(f)
+    d.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(cfg)
+    marker = d / EXTRACTION_FILE
+    text = json.dumps(p.settings, indent=2) + "\n"
+    if not marker.is_file() or marker.read_text() != text:
+        with atomic_path(marker) as tmp:
+            tmp.write_text(text)
+
+
+def _check_space(p: Plan, todo: list[ShardJob]) -> None:
+    """Refuse to start when the concept shards still to write cannot fit on their disk (a full disk
+    mid-run is still caught: the worker's error names the shard, the manifest lists only whole ones)."""
+    cfg = p.cfg
+    if cfg.format == "zarr" and cfg.zarr_compression != "none":
+        return  # compressed size unknown in advance
+    row = sum(f.nbytes for f in record_fields(p.token_manifest.seq_len, p.sae["n_latents"],
+                                               cfg.runner_config("cpu")).values())
+    need = sum(j.windows * row + (1 << 16) for j in todo)  # + Arrow/Zarr metadata per shard
+    free = shutil.disk_usage(cfg.concept_dir).free
+    if need > free:
+        raise ValueError(f"--out: the {len(todo)} concept shard(s) still to write need about {need / 1e6:,.1f} MB, the disk "
+                         f"of {cfg.concept_dir.absolute()} has {free / 1e6:,.1f} MB free; free some space and rerun the "
+                         "same command, or pass another --out")
+
+
+def _append_run_log(cfg: ExtractConfig, record: dict) -> None:
+    """One JSON line per invocation, appended (never rewritten): what ran, how long, what came out."""
+    try:
+        with open(cfg.concept_dir / RUN_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as e:  # the run's outcome stands; only its timings are not recorded
+        log.warning("could not append to %s: %s", cfg.concept_dir / RUN_LOG, e)
+
+
+def read_runs(concept_dir: str | os.PathLike) -> list[dict]:
+    """The run log of a concept directory, oldest first (timings and throughput of each invocation)."""
+    path = Path(concept_dir) / RUN_LOG
+    if not path.is_file():
+        return []
+    runs = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill mid-append
+            continue
+    return runs
 
 
 def run(cfg: ExtractConfig) -> Manifest:
@@ -421,37 +641,42 @@ def run(cfg: ExtractConfig) -> Manifest:
     import ray
 
     p = plan(cfg)
-    if cfg.overwrite and cfg.concept_dir.exists():
-        import shutil
-
-        shutil.rmtree(cfg.concept_dir)
-    cfg.concept_dir.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(cfg.concept_dir)
-    (cfg.concept_dir / EXTRACTION_FILE).write_text(json.dumps(p.settings, indent=2) + "\n")
-
+    _prepare_concept_dir(p)
     jobs = make_jobs(p)
-    done, old_stats = finished_shards(p, jobs)
+    done = finished_shards(p, jobs)
     todo = [j for j in jobs if j.key not in done]
     t0 = time.perf_counter()
-    run_stats: dict[str, Any] = {"complete": False, "shards": {k: v for k, (_, v) in done.items()}}
-    if not todo and "throughput" in old_stats:
-        run_stats["throughput"] = old_stats["throughput"]  # nothing new ran: keep the run that did the work
+    record: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command(cfg), "manifest": str(cfg.manifest_path.absolute()),
+        "shards": {"total": len(jobs), "verified": len(done), "to_do": len(todo)}, "per_shard": [],
+    }
+    try:
+        _check_space(p, todo)
 
-    def save() -> Manifest:
-        return build_manifest(p, done, jobs, run_stats).save(cfg.manifest_path)
+        def save() -> Manifest:  # intermediate: only whole shards, not complete; no run-dependent numbers
+            return build_manifest(p, done, jobs, {"complete": False}).save(cfg.manifest_path)
 
-    save()
-    if todo:
-        log.info("%d of %d shard(s) to do (%d verified and skipped)", len(todo), len(jobs), len(done))
-        n_workers = cfg.num_workers or (int(ray.cluster_resources().get("GPU", 0)) if p.use_gpu else 1)
-        n_workers = max(1, min(n_workers, len(todo)))
-        run_stats.update(_execute(p, todo, done, n_workers, save))
-    wall = time.perf_counter() - t0
-    m = build_manifest(p, done, jobs, run_stats)
-    labels = label_stats(m)
-    run_stats.update(complete=True, labels=labels, wall_s=round(wall, 2))
-    m.stats = run_stats
-    m.save(cfg.manifest_path)
+        if todo:
+            save()
+            log.info("%d of %d shard(s) to do (%d verified and skipped)", len(todo), len(jobs), len(done))
+            n_workers = cfg.num_workers or (int(ray.cluster_resources().get("GPU", 0)) if p.use_gpu else 1)
+            n_workers = max(1, min(n_workers, len(todo)))
+            _execute(p, todo, done, n_workers, save, record)
+        m = build_manifest(p, done, jobs, {})
+        labels = label_stats(m)  # from the shards: a resumed run reports exactly what an uninterrupted one does
+        m.stats = {"complete": True, "labels": labels}
+        m.save(cfg.manifest_path)
+        record["outcome"] = "complete"
+    except KeyboardInterrupt:
+        record["outcome"] = "interrupted"
+        raise
+    except BaseException as e:
+        record["outcome"] = f"error: {e}".splitlines()[0]
+        raise
+    finally:
+        record["wall_s"] = round(time.perf_counter() - t0, 2)
+        _append_run_log(cfg, record)
     log.info("manifest %s complete: %d shards, %s tokens, %.1f%% of tokens with < %d positive labels",
              cfg.manifest_path, len(jobs), f"{labels['tokens']:,}", 100 * labels["frac_short"], cfg.k_attr)
     return m
@@ -468,8 +693,9 @@ def _our_error(e: Exception) -> Exception:
     return e
 
 
-def _execute(p: Plan, todo: list[ShardJob], done: dict, n_workers: int, save) -> dict:
-    """Run ``todo`` on ``n_workers`` actors, saving the manifest after every shard."""
+def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_workers: int, save, record: dict) -> None:
+    """Run ``todo`` on ``n_workers`` actors, saving the manifest after every shard; timings go to
+    ``record`` (the run log's line), never to the manifest."""
     import ray
     from tqdm import tqdm
 
@@ -518,13 +744,17 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict, n_workers: int, save) ->
                         ray.exceptions.ObjectLostError) as e:
                     retries[job.key] = retries.get(job.key, 0) + 1
                     if retries[job.key] > MAX_SHARD_RETRIES:
-                        raise RuntimeError(f"shard {job.key} failed {MAX_SHARD_RETRIES + 1} times: {e}") from e
+                        raise ValueError(f"shard {job.key}: its worker process died {MAX_SHARD_RETRIES + 1} times "
+                                         f"({type(e).__name__}; out of memory?); lower --batch-size or --num-workers and "
+                                         "rerun the same command (finished shards are kept)") from e
                     log.warning("worker died on %s (%s); retrying (%d/%d)", job.key, type(e).__name__,
                                 retries[job.key], MAX_SHARD_RETRIES)
                     progress.set.remote(job.key, 0)
                     queue.append(job)
                     continue
-                done[job.key] = (res.part, {**res.stats.to_json(), "seconds": round(res.seconds, 2)})
+                done[job.key] = res.part
+                record["per_shard"].append({"shard": job.key, "windows": job.windows, **res.stats.to_json(),
+                                            "seconds": round(res.seconds, 2)})
                 tokens_done += res.stats.tokens
                 save()
                 s = res.stats
@@ -539,21 +769,44 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict, n_workers: int, save) ->
         for a in actors:
             ray.kill(a)
         ray.kill(progress)
-    elapsed = time.perf_counter() - t0
-    return {"throughput": {"tokens": tokens_done, "seconds": round(elapsed, 2),
-                           "tokens_per_s": round(tokens_done / max(elapsed, 1e-9), 1),
-                           "num_workers": n_workers, "device": "cuda" if p.use_gpu else "cpu",
-                           "batch_size": cfg.batch_size, "threads_per_worker": threads}}
+        elapsed = time.perf_counter() - t0
+        record["throughput"] = {"tokens": tokens_done, "seconds": round(elapsed, 2),
+                                "tokens_per_s": round(tokens_done / max(elapsed, 1e-9), 1),
+                                "num_workers": n_workers, "device": device,
+                                "batch_size": cfg.batch_size, "threads_per_worker": threads}
 
 
 # -- CLI -----------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error: ...`` line like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ExtractConfig field, typed from its annotation, documented by its docstring."""
-    p = argparse.ArgumentParser(prog="extract.py", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="extract.py", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, ExtractConfig)
     return p
+
+
+def one_line(text: str) -> str:
+    """A multi-line message (a manifest's list of problems) as one line."""
+    lines = (re.sub(r"^\s*-\s+", "", line).strip() for line in str(text).splitlines())  # "  - item" bullets
+    return "; ".join(line for line in lines if line).replace(":; ", ": ")
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "; free some space and rerun the same command (finished shards are kept), or pass another --out"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; pass an --out / --manifest you can write"
+    return f"{where}{e.strerror or e}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,22 +815,31 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclass_from_args(ExtractConfig, build_parser().parse_args(argv))
         m = run(cfg)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only or vanished paths: the manifest lists only whole shards
+        print(f"error: {one_line(_os_error(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are in the manifest; run the same command again to resume",
               file=sys.stderr)
         return 130
     lab = m.stats.get("labels", {})
-    print(f"manifest: {m.path}")
     for name, s in m.splits.items():
         print(f"{name}: {s.windows} windows, {s.tokens:,} tokens, {len(s.shards)} shard(s)")
     print(f"labels: {lab.get('frac_short', 0):.2%} of tokens with < {cfg.k_attr} positive scores, "
           f"{lab.get('latents_used', 0)} latents used, teacher NLL {lab.get('teacher_mean_nll', 0):.3f}")
-    thr = m.stats.get("throughput")
+    runs = read_runs(cfg.concept_dir)
+    thr = runs[-1].get("throughput") if runs else None
     if thr:
         print(f"throughput: {thr['tokens_per_s']:,.0f} tokens/s on {thr['num_workers']} {thr['device']} worker(s)")
+    # Absolute paths of everything written (under a Ray job, a relative path would name the job's copy).
+    print(f"manifest: {Path(m.path).absolute()}")
+    print(f"concept shards: {cfg.concept_dir.absolute()}")
+    print(f"run log: {(cfg.concept_dir / RUN_LOG).absolute()}")
+    if cfg.corpus:
+        print(f"token shards (stage 1): {(Path(cfg.out) / 'tokens').absolute()}")
     return 0
 
 
-__all__ = ["ExtractConfig", "build_parser", "main", "run"]
+__all__ = ["ExtractConfig", "build_parser", "command", "main", "read_runs", "run"]

@@ -66,8 +66,13 @@ class ExtractWorker:
             raise ValueError(f"token shard {job.tokens.path} has {len(reader)} windows, the manifest says {job.windows}")
         tokens = reader.arrays()["tokens"]  # (n, T+1), a view over the mapped file
         fields = record_fields(job.seq_len, self.runner.n_latents, self.runner.cfg)
-        writer = PartWriter(job.out, fields, job.windows, format=job.format,
-                            zarr_chunk_windows=job.zarr_chunk_windows, zarr_compression=job.zarr_compression)
+        try:
+            writer = PartWriter(job.out, fields, job.windows, format=job.format,
+                                zarr_chunk_windows=job.zarr_chunk_windows, zarr_compression=job.zarr_compression)
+        except OSError as e:
+            reader.close()
+            raise ValueError(f"writing concept shard {job.out}: {e.strerror or e}; free some space (or pass another "
+                             "--out) and rerun the same command: finished shards are kept") from e
         stats = BatchStats()
         try:
             for s in range(0, job.windows, job.batch_size):
@@ -84,6 +89,10 @@ class ExtractWorker:
                 if self.progress is not None:
                     self.progress.set.remote(job.key, stats.tokens)
             part = writer.close()
+        except OSError as e:  # disk full / read-only: a ValueError reaches the CLI as one line (concepts._our_error)
+            writer.abort()
+            raise ValueError(f"writing concept shard {job.out}: {e.strerror or e}; free some space (or pass another "
+                             "--out) and rerun the same command: finished shards are kept") from e
         except BaseException:
             writer.abort()
             raise

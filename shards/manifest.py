@@ -7,7 +7,6 @@ checksum, is in the manifest.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from dataclasses import dataclass, field
@@ -80,7 +79,9 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)
     """Everything that decides the shards' bytes; a rerun with other settings is refused."""
     stats: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str | None = None
+    """Creation time of manifests written before timings moved to run logs (read, never written: a
+    rerun of the same command must write the same bytes; each stage logs its timings in runs.jsonl)."""
     version: str = field(default_factory=_version)
     path: Path | None = None
     """Where this manifest was loaded from or last saved to."""
@@ -107,7 +108,7 @@ class Manifest:
         return {
             "schema": f"{SCHEMA}/{SCHEMA_VERSION}",
             "kind": self.kind,
-            "created": self.created,
+            **({"created": self.created} if self.created else {}),
             "version": self.version,
             "corpus": self.corpus,
             "tokenizer": self.tokenizer,
@@ -247,9 +248,57 @@ def from_json(data: dict[str, Any], base: Path, where: str = "manifest") -> Mani
         attribution=data.get("attribution"),
         settings=data.get("settings") or {},
         stats=data.get("stats") or {},
-        created=data.get("created", ""),
+        created=data.get("created"),
         version=data.get("version", ""),
     )
+
+
+@dataclass
+class ExistingFile:
+    """What a path that a command is about to write holds (see :func:`inspect_path`)."""
+
+    kind: str
+    """``absent``, ``directory``, ``manifest``, ``damaged`` (a cocomix manifest that does not
+    validate) or ``other`` (anything else: a user's file, never replaced)."""
+    what: str
+    """One line for an error message: what is there."""
+    manifest: Manifest | None = None
+    """The manifest, when ``kind`` is ``manifest``."""
+
+
+def inspect_path(path: str | os.PathLike) -> ExistingFile:
+    """Classify what ``path`` holds before writing a manifest there, so a command replaces only a
+    manifest, never a user's file (issue 12: ``--manifest`` silently overwrote any file)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return ExistingFile("absent", "nothing")
+    if path.is_dir():
+        return ExistingFile("directory", "a directory")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return ExistingFile("other", f"a file that cannot be read ({e.strerror or e})")
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        return ExistingFile("other", f"a binary file of {len(raw):,} bytes")
+    except json.JSONDecodeError:
+        head = " ".join(text[:40].split())
+        return ExistingFile("other", f"a {len(raw):,}-byte file that is not JSON (it starts with {head!r})")
+    if not isinstance(data, dict):
+        return ExistingFile("other", f"a JSON {type(data).__name__}, not a cocomix manifest")
+    schema = data.get("schema")
+    if not (isinstance(schema, str) and schema.startswith(SCHEMA + "/")):
+        keys = ", ".join(sorted(map(str, data))[:6]) + (", ..." if len(data) > 6 else "")
+        return ExistingFile("other", f"a JSON object that is not a cocomix manifest (keys: {keys or 'none'})")
+    try:
+        m = from_json(data, path.absolute().parent, where=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        problems = str(e).split("\n  - ")[1:] or [str(e)]
+        return ExistingFile("damaged", f"a damaged cocomix manifest ({'; '.join(problems[:3])})")
+    m.path = path.absolute()
+    return ExistingFile("manifest", f"a {m.kind} manifest", m)
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:

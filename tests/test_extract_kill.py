@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.concepts import run
+from pipeline.concepts import read_runs, run
 from shards import load_manifest
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
@@ -21,9 +21,12 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_kill_9_of_the_driver_then_rerun(data, tiny_teacher_dir, reference):  # noqa: F811
-    """The real thing: `python pipeline/extract.py` killed with SIGKILL (with its embedded Ray)."""
-    cfg = config(data, tiny_teacher_dir, out=str(data / "killed"), batch_size=1)
+@pytest.mark.parametrize("k", [1, 3])
+def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference):  # noqa: F811
+    """The real thing: `python pipeline/extract.py` killed with SIGKILL (with its embedded Ray) once the
+    manifest lists k shards; the same command again writes the bytes of an uninterrupted run, manifest
+    included, and leaves no temporary anywhere under OUT."""
+    cfg = config(data, tiny_teacher_dir, out=str(data / f"killed-{k}"), batch_size=1)
     argv = [sys.executable, str(REPO / "pipeline" / "extract.py"), "--tokens", cfg.tokens, "--teacher", cfg.teacher,
             "--sae", cfg.sae, "--out", cfg.out, "--k-mix", "4", "--k-kd", "2", "--batch-size", "1",
             "--ray-address", "local"]
@@ -35,7 +38,7 @@ def test_kill_9_of_the_driver_then_rerun(data, tiny_teacher_dir, reference):  # 
         while time.time() < deadline and proc.poll() is None:
             try:
                 m = load_manifest(cfg.manifest_path)
-                if any(s.shards for s in m.splits.values()):
+                if sum(len(s.shards) for s in m.splits.values()) >= k:
                     os.killpg(proc.pid, signal.SIGKILL)
                     killed_mid_run = not m.stats.get("complete", False)
                     break
@@ -49,4 +52,6 @@ def test_kill_9_of_the_driver_then_rerun(data, tiny_teacher_dir, reference):  # 
     assert killed_mid_run, "the run ended before it could be killed (or never wrote a shard)"
     m = run(cfg)
     assert all_bytes(cfg.concept_dir) == reference
-    assert 0 < m.stats["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
+    assert cfg.manifest_path.read_bytes() == (data / "ref" / "concepts.json").read_bytes()
+    assert not [p for p in Path(cfg.out).rglob("*") if ".tmp" in p.name]
+    assert 0 < read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
