@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -33,15 +34,21 @@ class Generation(NamedTuple):
     """Per generated token, the next-token logits (V,) it was sampled from."""
 
 
-def parse_steer(items: list[str] | None) -> dict[int, float]:
-    """``["12=5", "40=-2.5"]`` -> {12: 5.0, 40: -2.5}."""
+def parse_steer(items: list[str] | None, n_concepts: int | None = None) -> dict[int, float]:
+    """``["12=5", "40=-2.5"]`` -> {12: 5.0, 40: -2.5}; ids must be in [0, n_concepts) when given."""
     out: dict[int, float] = {}
     for it in items or []:
         try:
             cid, scale = it.split("=")
-            out[int(cid)] = float(scale)
+            cid_i, scale_f = int(cid), float(scale)
         except ValueError as e:
             raise ValueError(f"--steer expects ID=SCALE (e.g. 123=5), got {it!r}") from e
+        if not math.isfinite(scale_f):
+            raise ValueError(f"--steer {it}: the scale must be a finite number")
+        if cid_i < 0 or (n_concepts is not None and cid_i >= n_concepts):
+            bound = f"[0, {n_concepts})" if n_concepts is not None else ">= 0"
+            raise ValueError(f"--steer {it}: concept id {cid_i} is outside {bound}, the checkpoint's concepts")
+        out[cid_i] = scale_f
     return out
 
 
@@ -141,14 +148,20 @@ def main(argv: list[str] | None = None) -> Generation:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be >= 1")
+    check_args(a)
     model, cfg = load_model_from(a.ckpt, a.device)
-    info = cfg.get("tokenizer", {})
+    if a.steer and model.concept is None:
+        raise ValueError(f"--steer needs a CoCoMix checkpoint; {a.ckpt} has no concept block (mode {cfg.get('train', {}).get('mode', '?')})")
+    steer = parse_steer(a.steer, model.cfg.concept.n_concepts if model.cfg.concept else None)
+    if a.max_new_tokens >= model.cfg.block_size:
+        raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for the prompt in the model's block_size {model.cfg.block_size}")
+    info = cfg.get("tokenizer") or {}
     tok = load_tokenizer(info, a.tokenizer)
     prompt = tok.encode(a.prompt, add_special_tokens=False)
+    if not prompt:
+        raise ValueError("--prompt encodes to no tokens: give some text")
     eos = None if a.ignore_eos else info.get("eos_id")
-    g = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, parse_steer(a.steer), a.show_concepts, not a.no_cache, eos, a.seed)
+    g = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, steer, a.show_concepts, not a.no_cache, eos, a.seed)
     print(tok.decode(prompt + g.tokens))
     if a.show_concepts:
         for t, cs in zip(g.tokens, g.concepts, strict=False):
@@ -156,5 +169,38 @@ def main(argv: list[str] | None = None) -> Generation:
     return g
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """Every option's range, before the checkpoint is loaded (cheap mistakes first)."""
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {a.temperature}")
+    if a.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = all tokens), got {a.top_k}")
+    if a.show_concepts < 0:
+        raise ValueError(f"--show-concepts must be >= 0, got {a.show_concepts}")
+    parse_steer(a.steer)  # the form ID=SCALE; the id range is checked against the checkpoint
+    if a.device != "cpu":
+        if not a.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {a.device!r}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {a.device} but CUDA is not available: use --device cpu")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m trainer.generate``: 0, or 2 with one ``error:`` line naming the flag or file."""
+    from trainer.run import one_line
+
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
