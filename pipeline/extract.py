@@ -4,11 +4,14 @@
 Runs the same three ways, with the same arguments (see ``--help``):
 
     ray submit pipeline/cluster.yaml pipeline/extract.py -- --tokens DIR --teacher ... --sae ... --out ...
+    ray job submit --address http://HEAD:8265 --working-dir . -- python pipeline/extract.py ARGS
     python pipeline/extract.py ARGS
     python -m pipeline.extract ARGS
 
 ``ray submit`` copies only this file to the head node (NOTES.md), so it stays a thin script over the
-installed ``cocomix`` package (``pip install -e .`` on every node; see pipeline/cluster.yaml).
+installed ``cocomix`` package (``pip install -e '.[cluster]'`` on every node; see pipeline/cluster.yaml,
+or pipeline/cluster-local.yaml without Docker). ``ray job submit --working-dir .`` runs it from Ray's copy
+of the checkout, where relative paths are refused (pipeline/raylib.py: check_job_paths).
 """
 
 import os
@@ -24,8 +27,11 @@ def main() -> int:
     try:
         from pipeline.concepts import main as extract_main
     except ImportError as e:
-        print(f"error: the cocomix package is not installed here ({e}); run `pip install -e .` in the "
-              "repository (on a Ray cluster: the cluster config's setup_commands do it)", file=sys.stderr)
+        # Seen with `ray submit` on nodes without Docker: the login shell's python was the system one.
+        print(f"error: the cocomix package is not importable by {sys.executable} ({e}); run `pip install -e "
+              "'.[cluster]'` in the repository with this python, or put the environment that has it first on "
+              "PATH (on a Ray cluster without Docker: pipeline/cluster-local.yaml activates it from ~/.bashrc; "
+              "for `ray job submit`, start the head from that environment)", file=sys.stderr)
         return 2
     return extract_main(sys.argv[1:])
 
