@@ -31,7 +31,7 @@ import torch
 from pipeline.attribution import VARIANTS, Variant, attribution_labels, top_positive
 from pipeline.teacher import load_teacher
 from sae import HookSpec, load_sae, n_layers, resolve_block
-from sae.hooks import capture_residual
+from sae.hooks import capture_residual, resolve_layer
 from shards import FieldSpec, id_dtype
 
 FLOAT16_MAX = 65504.0
@@ -60,7 +60,8 @@ class RunnerConfig:
     sae_format: str | None = None
     """SAE format (openai, saelens, sparsify, cocomix); None = detect."""
     layer: int | None = None
-    """Teacher block whose output the SAE reads (0-based); None = the SAE's own metadata."""
+    """Teacher block whose output the SAE reads (0-based; -1 = the last block, -2 the one before, resolved
+    to the non-negative index by ``check_compatible``); None = the SAE's own metadata."""
     attribution: Variant = "act_x_grad"
     """act_x_grad (reference code, default), preact_x_grad (paper Eq. 1), activation (ablation)."""
     k_attr: int = 4
@@ -172,15 +173,20 @@ def check_compatible(sae, cfg: RunnerConfig, n_blocks: int, width: int) -> int:
     layer = cfg.layer if cfg.layer is not None else sae.hook.layer
     if layer is None:
         raise ValueError("the SAE does not record its hook layer: pass --layer")
-    if not -n_blocks <= layer < n_blocks:
-        raise ValueError(f"--layer {layer} is out of range: the teacher has {n_blocks} blocks (0..{n_blocks - 1})")
+    # Negative = counted from the last block, as in Python; resolved here, once, so the manifest, the
+    # settings and every worker's hook see the same non-negative index (sae.hooks.resolve_layer).
+    if cfg.layer is not None:
+        layer = resolve_layer(layer, n_blocks)
+    else:
+        layer = resolve_layer(layer, n_blocks, flag=f"{sae.source}: hook layer",
+                              hint="the SAE was trained on another teacher; pass the right --teacher or --sae")
     if sae.d_in != width:
         raise ValueError(f"SAE d_in {sae.d_in} != teacher width {width} at layer {layer}: wrong SAE for this teacher")
     if sae.k is not None and cfg.attribution != "preact_x_grad" and cfg.k_attr > sae.k:
         raise ValueError(f"--k-attr {cfg.k_attr} > SAE k {sae.k}: at most k latents are active")
     if sae.k is not None and cfg.k_mix > sae.k:
         raise ValueError(f"--k-mix {cfg.k_mix} > SAE k {sae.k}: the SAE code has only k non-zeros")
-    return int(layer) % n_blocks
+    return layer
 
 
 class TeacherRunner:

@@ -13,12 +13,18 @@ the teacher's raw activation space: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 
 (``fvu``), and in the SAE's normalised input space (``fvu_normalized``, what training minimises).
 A latent is dead if it never fires on the evaluated tokens, dense if it fires on more than
 ``dense_threshold`` of them (10%, as in Gao et al. 2024 §A.2 / Rajamanoharan et al.).
+
+Everything is checked before the teacher runs (``sae.checks``): the SAE files, its fit to the teacher,
+the layer, the data, where the result goes. A mistake prints one line ``error: ...`` and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,9 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae.checks import (
+    check_corpus,
+    check_device,
+    check_sae_fits,
+    check_tokens,
+    check_window,
+    check_writable_file,
+    peek_teacher,
+    run_cli,
+    shape_of_model,
+)
 from sae.data import iter_corpus_windows, iter_shard_windows, iter_windows
-from sae.hooks import capture_residual, check_sae_matches_model
-from sae.io import load_sae
+from sae.hooks import HookSpec, capture_residual, check_sae_matches_model, resolve_layer
+from sae.io import atomic_write_bytes, load_sae
 
 
 @dataclass
@@ -50,7 +67,8 @@ class EvalConfig:
     batch_windows: int = 4
     """Windows per forward (each forward runs 3 copies)."""
     layer: int | None = None
-    """Override the SAE's hook layer (needed for files that do not record it)."""
+    """Override the SAE's hook layer (needed for files that do not record it); -1 is the last block, as in
+    Python, recorded as the non-negative index."""
     dense_threshold: float = 0.1
     """Firing rate above which a latent counts as dense."""
     device: str = "cpu"
@@ -66,6 +84,10 @@ class EvalConfig:
             errors.append("give exactly one of --tokens or --corpus")
         if self.max_tokens < 1 or self.batch_windows < 1:
             errors.append("--max-tokens and --batch-windows must be >= 1")
+        if self.seq_len < 2:
+            errors.append(f"--seq-len={self.seq_len} must be >= 2 (the loss needs a next token)")
+        if not (math.isfinite(self.dense_threshold) and 0 <= self.dense_threshold < 1):
+            errors.append(f"--dense-threshold={self.dense_threshold} must be in [0, 1)")
         if errors:
             raise ValueError("invalid eval config: " + "; ".join(errors))
 
@@ -86,17 +108,64 @@ def _splicer(sae, B: int, stats: dict):
     return splice
 
 
+def is_eval_result(path: Path) -> bool:
+    """Whether ``path`` is a result this command wrote (so replacing it loses nothing of the user's)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"sae_fingerprint", "loss_recovered", "config"} <= set(data)
+
+
+def default_out(cfg: EvalConfig) -> str | None:
+    return cfg.out or (str(Path(cfg.sae) / "eval.json") if Path(cfg.sae).is_dir() else None)
+
+
+def prepare(cfg: EvalConfig):
+    """Every check before the teacher runs; returns (cfg with the layer resolved, SAE, teacher or None)."""
+    from pipeline.teacher import load_teacher
+
+    check_device(cfg.device)
+    out = default_out(cfg)
+    if out:
+        check_writable_file(Path(out), "--out" if cfg.out else f"--out (default {out})", is_eval_result)
+    sae = load_sae(cfg.sae, device=cfg.device)
+    if cfg.tokens:
+        window = check_tokens(cfg.tokens, cfg.split)
+    else:
+        check_corpus(cfg.corpus)
+        window = cfg.seq_len
+    model = None
+    shape = peek_teacher(cfg.teacher)
+    if shape is None:  # GGUF: the config comes with the weights
+        model = load_teacher(cfg.teacher, cfg.device)
+        shape = shape_of_model(cfg.teacher, model)
+    if cfg.layer is not None:
+        cfg = dataclasses.replace(cfg, layer=resolve_layer(cfg.layer, shape.n_blocks))
+        sae.hook = HookSpec(cfg.layer, sae.hook.location)
+    elif sae.hook.layer is None:
+        raise ValueError(f"--sae {cfg.sae}: the file does not record which layer it reads: pass --layer")
+    else:
+        resolve_layer(sae.hook.layer, shape.n_blocks, flag=f"--sae {cfg.sae}: hook layer",
+                      hint="the SAE was trained on another teacher; pass its own --teacher, or --layer")
+    check_sae_fits(sae, shape, f"--sae {cfg.sae}")
+    check_window(window, shape, "--seq-len" if not cfg.tokens else f"--tokens {cfg.tokens}: window length")
+    return cfg, sae, model
+
+
 @torch.no_grad()
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
+    """The metrics of ``cfg.sae`` (or ``sae``) on ``cfg.teacher`` (or ``model``)."""
     from tqdm import tqdm
 
     from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
-    from sae.hooks import HookSpec
 
-    sae = load_sae(cfg.sae, device=cfg.device)
-    if cfg.layer is not None:
-        sae.hook = HookSpec(cfg.layer, sae.hook.location)
-    model = load_teacher(cfg.teacher, cfg.device)
+    if sae is None:
+        sae = load_sae(cfg.sae, device=cfg.device)
+        if cfg.layer is not None:
+            sae.hook = HookSpec(cfg.layer, sae.hook.location)
+    if model is None:
+        model = load_teacher(cfg.teacher, cfg.device)
     check_sae_matches_model(sae, model, source=cfg.sae)
     if cfg.tokens:
         source = lambda: iter_shard_windows(cfg.tokens, cfg.split)  # noqa: E731
@@ -182,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="window length for --corpus (default: 256)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens to evaluate (default: 16384)")
     p.add_argument("--batch-windows", type=int, default=4, help="windows per forward (default: 4)")
-    p.add_argument("--layer", type=int, default=None, help="override the SAE's hook layer")
+    p.add_argument("--layer", type=int, default=None,
+                   help="override the SAE's hook layer: 0-based, -1 = the last block (as in Python), recorded non-negative")
     p.add_argument("--dense-threshold", type=float, default=0.1, help="firing rate counted as dense (default: 0.1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="metrics JSON path (default: <sae>/eval.json)")
@@ -190,14 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command; ValueError / OSError for user mistakes (``cli`` prints them as ``error: ...``)."""
     cfg = EvalConfig(**vars(build_parser().parse_args(argv)))
-    result = evaluate(cfg)
-    out = cfg.out or (str(Path(cfg.sae) / "eval.json") if Path(cfg.sae).is_dir() else None)
+    cfg, sae, model = prepare(cfg)
+    result = evaluate(cfg, sae, model)
+    out = default_out(cfg)
     if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -103,12 +103,24 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError(f"cannot read the hidden size of {type(model).__name__} from its config")
 
 
+def resolve_layer(layer: int, n_blocks: int, flag: str = "--layer", hint: str = "pick one of those") -> int:
+    """The 0-based block index ``layer`` names, counted as Python counts: -1 is the last block, -2 the
+    one before. Every command resolves ``--layer`` once, early, with this, and records only the
+    non-negative result (HookSpec refuses negative layers). ValueError when out of range."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"{flag} must be an integer block index, got {layer!r}")
+    if not -n_blocks <= layer < n_blocks:
+        raise ValueError(
+            f"{flag} {layer} is out of range: the teacher has {n_blocks} blocks, 0..{n_blocks - 1} "
+            f"(or -{n_blocks}..-1 counting from the last); {hint}"
+        )
+    return layer % n_blocks
+
+
 def resolve_block(model: nn.Module, layer: int) -> nn.Module:
-    """Transformer block ``layer`` (0-based; negative counts from the end)."""
+    """Transformer block ``layer`` (0-based; negative counts from the end, see :func:`resolve_layer`)."""
     layers = blocks(model)
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} blocks (0..{len(layers) - 1})")
-    return layers[layer]
+    return layers[resolve_layer(layer, len(layers), flag="layer")]
 
 
 def resolve_hook_module(model: nn.Module, spec: HookSpec) -> nn.Module:

@@ -38,7 +38,7 @@ _SAELENS_TO_NORM = {v: k for k, v in _NORM_TO_SAELENS.items()}
 def detect_format(path: str | os.PathLike) -> str:
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"SAE path {str(p)!r} does not exist")
+        raise ValueError(f"SAE path {str(p)!r} does not exist: check --sae")
     if p.is_file():
         if p.suffix in (".pt", ".pth"):
             return "openai"
@@ -50,7 +50,17 @@ def detect_format(path: str | os.PathLike) -> str:
             return "cocomix" if "cocomix" in data else "saelens"
         if (p / SPARSIFY_WEIGHTS).is_file():
             return "sparsify"
-        raise ValueError(f"{p}: has cfg.json but neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify)")
+        raise ValueError(
+            f"{p}: has cfg.json but neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify): the SAE "
+            "directory is incomplete; copy its weights file too"
+        )
+    if (p / SAELENS_WEIGHTS).is_file() or (p / SPARSIFY_WEIGHTS).is_file():
+        raise ValueError(f"{p}: has SAE weights but no cfg.json: the SAE directory is incomplete; copy its cfg.json too")
+    if (p / "train_config.json").is_file() and (p / "checkpoint").is_dir():
+        raise ValueError(
+            f"{p}: an sae.train run that has not finished (no final SAE yet): rerun its sae.train command to "
+            f"finish it, or pass {p / 'checkpoint'} to use its last checkpoint"
+        )
     subdirs = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / CFG).is_file())
     if subdirs:
         raise ValueError(f"{p}: holds SAEs for several hookpoints; pass one of: {', '.join(subdirs)}")
@@ -76,7 +86,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read safetensors weights: {e}") from e
+        raise ValueError(f"{path}: cannot read safetensors weights ({e}): the file is truncated or corrupt; copy it again") from e
 
 
 def _need(tensors: dict, name: str, source: Path) -> torch.Tensor:
@@ -117,8 +127,6 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | os.PathLike, model_name: str
 
     A ``constant`` normalisation is folded into the weights (SAELens has no runtime constant).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     W_enc, b_enc = sae.W_enc.detach().float().cpu(), sae.b_enc.detach().float().cpu()
@@ -149,13 +157,35 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | os.PathLike, model_name: str
         cfg["rescale_acts_by_decoder_norm"] = False
     cocomix = sae.config() | {"normalize": normalize, "norm_scale": 1.0}
     cfg["cocomix"] = cocomix | {"provenance": {k: v for k, v in sae.metadata.items() if _jsonable(v)}}
-    tmp = out / (SAELENS_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / SAELENS_WEIGHTS)
-    with open(out / (CFG + ".tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(out / (CFG + ".tmp"), out / CFG)
+    # Serialised in memory, then written by atomic_write_bytes: a full disk is a plain OSError naming
+    # the file (safetensors' own writer raises an opaque SafetensorError), and no half-written file
+    # ever carries the final name.
+    atomic_write_bytes(out / SAELENS_WEIGHTS, safetensors_bytes(tensors))
+    atomic_write_bytes(out / CFG, (json.dumps(cfg, indent=2) + "\n").encode())
     return out
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing: a temporary beside it (``.NAME.tmp``), fsync, rename.
+    A crash or a full disk leaves the old file (or none), never a truncated one; the temporary is
+    removed on error. OSError (with the path) on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
 
 
 def _jsonable(v: object) -> bool:

@@ -160,7 +160,10 @@ class SparseAutoencoder(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"{self.source}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
             if not torch.isfinite(t).all():
-                raise ValueError(f"{self.source}: tensor {name} contains NaN or inf values")
+                raise ValueError(
+                    f"{self.source}: tensor {name} contains NaN or inf values: the file is damaged or its training "
+                    "diverged; use another SAE (or retrain it)"
+                )
 
     def fingerprint(self) -> str:
         """``sha256:`` of the config (hook included) and the fp32 bytes of every tensor."""

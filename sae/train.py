@@ -17,16 +17,22 @@ Recipe of Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2
   the FVU in that space; batches come from a shuffle buffer of activations from many windows.
 Teacher: inference mode, no parameter gradients; the forward stops after the hook block.
 Outputs in ``--out``: ``cfg.json`` + ``sae_weights.safetensors`` (see ``sae.io``),
-``train_config.json``, ``metrics.jsonl``, ``summary.json``, and ``checkpoint/`` for ``--resume``.
+``train_config.json``, ``metrics.jsonl``, ``summary.json`` (written last: the run is finished), and
+``checkpoint/`` for ``--resume``. Every file is written whole or not at all. What happens when --out
+already holds something (another SAE, a user's files, this same run, another run) is in ``sae.rundir``:
+nothing sae.train did not write is ever replaced, and rerunning a command continues or repeats it.
+Bad input: one line ``error: ...`` and exit 2 (``sae.checks``), before the teacher is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae.checks import (
+    TeacherShape,
+    check_corpus,
+    check_device,
+    check_tokens,
+    check_window,
+    peek_teacher,
+    run_cli,
+    shape_of_model,
+)
 from sae.data import (
     ShuffleBuffer,
     iter_corpus_windows,
@@ -42,9 +58,22 @@ from sae.data import (
     iter_windows,
     teacher_activations,
 )
-from sae.hooks import LOCATIONS, HookSpec, check_sae_matches_model, hidden_size
-from sae.io import save_sae
+from sae.hooks import LOCATIONS, HookSpec, check_sae_matches_model, hidden_size, resolve_layer
+from sae.io import atomic_write_bytes, save_sae
 from sae.model import SparseAutoencoder
+from sae.rundir import (
+    CHECKPOINT,
+    METRICS,
+    MUST_MATCH_ON_RESUME,
+    STATE,
+    SUMMARY,
+    TRAIN_CONFIG,
+    OutPlan,
+    checkpoint_dir,
+    plan_out,
+    remove_ours,
+    remove_tree_of_ours,
+)
 from shards.cli import add_dataclass_args, dataclass_from_args
 
 
@@ -52,8 +81,9 @@ from shards.cli import add_dataclass_args, dataclass_from_args
 class TrainConfig:
     teacher: str = ""
     """Teacher: HF hub id, model directory, .gguf file or alias (smollm2-135m)."""
-    layer: int = -1
-    """0-based block whose output (or sublayer output, see --location) the SAE reads."""
+    layer: int | None = None
+    """Block whose output (or sublayer output, see --location) the SAE reads: 0-based; -1 is the last
+    block, -2 the one before (as in Python), recorded as the non-negative index. Required."""
     location: str = "resid_post"
     """Hook location: resid_post, attn_out or mlp_out."""
     corpus: list[str] = field(default_factory=list)
@@ -99,7 +129,10 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics.jsonl lines."""
     resume: bool = False
-    """Continue from --out/checkpoint."""
+    """Continue the run in --out from its checkpoint, also with a larger --max-tokens or another lr
+    schedule (a plain rerun of the same command continues on its own)."""
+    overwrite: bool = False
+    """Replace the sae.train run in --out: removes only the files sae.train wrote there."""
     seed: int = 0
     """Seed of the SAE init and the shuffle buffer."""
     device: str = "cpu"
@@ -113,16 +146,20 @@ class TrainConfig:
         errors = []
         if not self.teacher:
             errors.append("--teacher is required")
-        if self.layer < 0:
-            errors.append("--layer must be a non-negative block index")
+        if self.layer is None:
+            errors.append("--layer is required (0-based block index; -1 is the last block)")
         if self.location not in LOCATIONS:
             errors.append(f"--location must be one of {LOCATIONS}")
         if bool(self.corpus) == bool(self.tokens):
             errors.append("give exactly one of --corpus or --tokens")
         if not self.out:
             errors.append("--out is required")
-        if not 1 <= self.k <= self.n_latents:
+        if self.n_latents < 1:
+            errors.append(f"--n-latents={self.n_latents} must be >= 1")
+        elif not 1 <= self.k <= self.n_latents:
             errors.append(f"--k={self.k} must be in 1..n_latents={self.n_latents}")
+        if self.batch_size < 1:
+            errors.append(f"--batch-size={self.batch_size} must be >= 1")
         if self.max_tokens < self.batch_size:
             errors.append(f"--max-tokens={self.max_tokens} is smaller than one batch ({self.batch_size})")
         if self.buffer_tokens < 2 * self.batch_size:
@@ -135,6 +172,22 @@ class TrainConfig:
             errors.append("--lr-decay-frac must be in [0, 1)")
         if self.seq_len < 1 or self.teacher_batch < 1:
             errors.append("--seq-len and --teacher-batch must be >= 1")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            errors.append(f"--lr={self.lr} must be a positive number (or leave it out for the default)")
+        if self.warmup_steps < 0:
+            errors.append(f"--warmup-steps={self.warmup_steps} must be >= 0")
+        if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
+            errors.append(f"--auxk-coef={self.auxk_coef} must be >= 0")
+        for name in ("k_aux", "dead_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                errors.append(f"--{name.replace('_', '-')}={value} must be >= 1 (or leave it out for the default)")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            errors.append("--checkpoint-every and --log-every must be >= 1")
+        if self.seed < 0:
+            errors.append(f"--seed={self.seed} must be >= 0")
+        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            errors.append(f"--teacher-dtype={self.teacher_dtype!r} must be float32, bfloat16 or float16")
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
 
@@ -207,13 +260,16 @@ def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
 class Trainer:
     """Owns the teacher, the window stream, the buffer, the SAE and its optimiser."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, teacher: torch.nn.Module | None = None, plan: OutPlan | None = None) -> None:
+        """``cfg.layer`` must be resolved (non-negative, see ``prepare``); ``plan`` says what to do with
+        --out (default: ``sae.rundir.plan_out`` without a command line to quote)."""
         from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
 
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.hook = HookSpec(cfg.layer, cfg.location)
-        self.teacher = load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
+        self.plan = plan or plan_out(self.out, train_record(cfg), cfg.resume, cfg.overwrite, [])
+        self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
         self.d_in = hidden_size(self.teacher)
         if cfg.tokens:
             self.source = lambda: iter_shard_windows(cfg.tokens, cfg.split)
@@ -232,6 +288,7 @@ class Trainer:
         self.since_fired: torch.Tensor | None = None
         self.elapsed = 0.0
         self.windows = None
+        self.last_metrics: dict = {}
 
     # ---------------------------------------------------------------- data
     def _fill_buffer(self) -> None:
@@ -247,10 +304,16 @@ class Trainer:
         return self.out / "checkpoint"
 
     def save_checkpoint(self) -> None:
+        """Write checkpoint.tmp/ (state.pt last, so a complete copy is one with state.pt), then swap it
+        in: checkpoint -> checkpoint.old, checkpoint.tmp -> checkpoint, drop checkpoint.old. Killed at
+        any instant, ``sae.rundir.checkpoint_dir`` finds the newest complete copy."""
         d = self._ckpt_dir()
-        tmp = d.with_name("checkpoint.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp, old = d.with_name(CHECKPOINT + ".tmp"), d.with_name(CHECKPOINT + ".old")
+        remove_tree_of_ours(tmp)  # left by a save that died: may mix files of two steps
+        remove_tree_of_ours(old)
+        tmp.mkdir(parents=True)
         save_sae(self.sae, tmp, model_name=self.cfg.teacher)
+        state = io.BytesIO()  # serialised in memory: a full disk is an OSError naming the file
         torch.save(
             {
                 "opt": self.opt.state_dict(),
@@ -263,30 +326,33 @@ class Trainer:
                 "gen": self.gen.get_state(),
                 "elapsed": self.elapsed,
                 "config": dataclasses.asdict(self.cfg),
+                "metrics": self.last_metrics,
             },
-            tmp / "state.pt",
+            state,
         )
+        atomic_write_bytes(tmp / STATE, state.getvalue())
         if d.exists():
-            old = d.with_name("checkpoint.old")
             os.replace(d, old)
             os.replace(tmp, d)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            remove_tree_of_ours(old)
         else:
             os.replace(tmp, d)
 
     def _load_checkpoint(self) -> None:
         from sae.io import load_sae
 
-        d = self._ckpt_dir()
-        if not (d / "state.pt").is_file():
-            raise ValueError(f"--resume: no checkpoint in {d}")
-        state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+        d = checkpoint_dir(self.out)
+        if d is None:
+            raise ValueError(f"--resume: no checkpoint in {self._ckpt_dir()}; drop --resume to start the run over")
+        try:
+            state = torch.load(d / STATE, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for a damaged file
+            raise ValueError(f"{d / STATE}: cannot read the checkpoint ({e}); rerun with --overwrite to start over") from e
         saved = state["config"]
-        for key in ("teacher", "layer", "location", "n_latents", "k", "normalize", "seq_len", "batch_size", "buffer_tokens", "seed"):
-            if saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"--resume: {key}={getattr(self.cfg, key)!r} differs from the checkpoint's {saved[key]!r}")
+        for key in MUST_MATCH_ON_RESUME:
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise ValueError(f"--resume: {key}={getattr(self.cfg, key)!r} differs from the checkpoint's {saved[key]!r}; "
+                                 "pass the run's own value, or --overwrite to start over")
         self.sae = load_sae(d, device=self.cfg.device)
         self.sae.source = str(self.out)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.resolved_lr(), eps=6.25e-10)
@@ -297,17 +363,40 @@ class Trainer:
         self.pending = state["pending"]
         self.gen.set_state(state["gen"])
         self.elapsed = state["elapsed"]
+        self.last_metrics = state.get("metrics", {})
 
     # ---------------------------------------------------------------- training
+    def _write_record(self) -> None:
+        """train_config.json, first of all (it marks --out as an sae.train run), and a run that is
+        (again) under way has no summary.json: that file is written last and means finished."""
+        atomic_write_bytes(self.out / TRAIN_CONFIG, json.dumps(train_record(self.cfg), indent=2).encode())
+        (self.out / SUMMARY).unlink(missing_ok=True)
+
+    def _truncate_metrics(self) -> None:
+        """metrics.jsonl keeps the lines up to the checkpoint's step: each step is logged once."""
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
+
     def setup(self) -> None:
         cfg = self.cfg
+        if self.plan.overwrite:
+            kept = remove_ours(self.out)
+            print(f"--overwrite: removed the sae.train run in {self.out}" + (f" (kept {len(kept)} other entries)" if kept else ""),
+                  file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
+        if self.plan.action == "resume":
             self._load_checkpoint()
+            print(f"continuing the run in {self.out} from step {self.step} ({self.tokens} tokens)", file=sys.stderr)
+            self._write_record()
+            self._truncate_metrics()
             self.windows = iter_windows(self.source, skip=self.windows_read)
         else:
-            if (self._ckpt_dir() / "state.pt").exists():
-                raise ValueError(f"{self._ckpt_dir()} exists: pass --resume to continue, or choose another --out")
+            self._write_record()
+            (self.out / METRICS).unlink(missing_ok=True)  # of an attempt that died before its first checkpoint
             self.windows = iter_windows(self.source)
             self._fill_buffer()
             sample = self.buffer.data[: min(self.buffer.filled, 16384)]
@@ -315,8 +404,6 @@ class Trainer:
             self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), eps=6.25e-10)  # Gao et al. §A.1
             self.since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=cfg.device)
         check_sae_matches_model(self.sae, self.teacher, source=f"SAE in {self.out}")
-        with open(self.out / "train_config.json", "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"lr_resolved": cfg.resolved_lr(), "dead_tokens_resolved": cfg.resolved_dead_tokens()}, f, indent=2)
 
     def train_step(self, x: torch.Tensor) -> dict:
         cfg, sae = self.cfg, self.sae
@@ -354,15 +441,18 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        if self.plan.action == "done":
+            print(f"{self.out} holds this finished run; nothing to do (--overwrite trains it again)", file=sys.stderr)
+            return self.plan.summary or {}
         self.setup()
         bar = tqdm(total=cfg.max_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="sae.train")
         t0 = time.time() - self.elapsed
-        metrics = {}
+        metrics = self.last_metrics
         with open(self.out / "metrics.jsonl", "a") as log:
             while self.tokens + cfg.batch_size <= cfg.max_tokens:
                 self._fill_buffer()
                 x = self.buffer.next_batch(cfg.batch_size)
-                metrics = self.train_step(x)
+                metrics = self.last_metrics = self.train_step(x)
                 bar.update(len(x))
                 bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
                 if self.step % cfg.log_every == 0:
@@ -382,9 +472,36 @@ class Trainer:
             "dead_fraction": float((self.since_fired >= cfg.resolved_dead_tokens()).float().mean()),
             "fingerprint": self.sae.fingerprint(),
         }
-        with open(self.out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_bytes(self.out / SUMMARY, json.dumps(summary, indent=2).encode())  # last: the run is finished
         return summary
+
+
+def train_record(cfg: TrainConfig) -> dict:
+    """What train_config.json holds: the settings, the layer non-negative, and the resolved defaults."""
+    return dataclasses.asdict(cfg) | {"lr_resolved": cfg.resolved_lr(), "dead_tokens_resolved": cfg.resolved_dead_tokens()}
+
+
+def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Module | None, OutPlan]:
+    """Every check before heavy work: inputs, teacher shape, layer, --out. Returns the config with the
+    layer resolved to its non-negative index, the teacher if it had to be loaded to learn its shape
+    (GGUF), and what to do with --out."""
+    from pipeline.teacher import load_teacher
+
+    check_device(cfg.device)
+    if cfg.tokens:
+        window = check_tokens(cfg.tokens, cfg.split)
+    else:
+        check_corpus(cfg.corpus)
+        window = cfg.seq_len
+    teacher = None
+    shape: TeacherShape | None = peek_teacher(cfg.teacher)
+    if shape is None:
+        teacher = load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
+        shape = shape_of_model(cfg.teacher, teacher)
+    cfg = dataclasses.replace(cfg, layer=resolve_layer(cfg.layer, shape.n_blocks))
+    check_window(window, shape, "--seq-len" if not cfg.tokens else f"--tokens {cfg.tokens}: window length")
+    plan = plan_out(Path(cfg.out), train_record(cfg), cfg.resume, cfg.overwrite, argv)
+    return cfg, teacher, plan
 
 
 # ---------------------------------------------------------------- CLI
@@ -396,14 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command; ValueError / OSError for user mistakes (``cli`` prints them as ``error: ...``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = dataclass_from_args(TrainConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    summary = Trainer(cfg).run()
+    cfg, teacher, plan = prepare(cfg, argv)
+    summary = Trainer(cfg, teacher=teacher, plan=plan).run()
     print(json.dumps(summary, indent=2))
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
