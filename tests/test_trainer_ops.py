@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -40,11 +41,25 @@ def args(manifest: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
             "--no-progress", *extra]
 
 
+def _as_main(main, argv: list[str], catch: tuple[type[BaseException], ...]) -> int:
+    """What ``python -m`` did before the ``cli`` functions existed (at 86129a6, for the before/after
+    table): the caught exceptions as ``error:`` + 2, anything else a traceback + 1."""
+    try:
+        main(argv)
+    except catch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def cli(argv: list[str], capsys) -> tuple[int, str]:
     """``python -m trainer.run ARGS`` in this process: (exit code, stderr)."""
-    from trainer.run import cli as run_cli
+    import trainer.run
 
-    rc = run_cli(argv)
+    rc = trainer.run.cli(argv) if hasattr(trainer.run, "cli") else _as_main(trainer.run.main, argv, (ValueError,))
     return rc, capsys.readouterr().err
 
 
@@ -380,9 +395,9 @@ def test_pointer_missing_falls_back_to_the_newest_complete_step(data, tmp_path):
     train(TrainConfig(**_kw(data, tmp_path / "o", halt_after=2)))
     ck = tmp_path / "o" / "ckpt"
     (ck / "latest").unlink()
-    assert checkpoint.latest(ck) == ck / "step-000002"
-    shutil.copytree(ck / "step-000002", ck / ".step-000004.tmp")  # an unfinished save: never loaded
-    assert checkpoint.resolve(ck) == ck / "step-000002"
+    assert checkpoint.latest(ck) == step2(ck)
+    shutil.copytree(step2(ck), ck / ".step-000004.tmp")  # an unfinished save: never loaded
+    assert checkpoint.resolve(ck) == step2(ck)
     (ck / "latest").write_text("step-000009\n")
     with pytest.raises(ValueError, match="step-000009.*named by.*incomplete"):
         checkpoint.resolve(ck)
@@ -409,17 +424,23 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(b))
 
 
-@pytest.mark.parametrize("shard", ["train-00001.tokens.arrow", "train-00000.concepts.arrow", "val-00000.concepts.arrow"])
-def test_corrupted_shard_stops_before_step_0(data, tmp_path, shard):
+@pytest.mark.parametrize("shard,subprocess_", [("train-00001.tokens.arrow", True), ("train-00000.concepts.arrow", False),
+                                               ("val-00000.concepts.arrow", False)])
+def test_corrupted_shard_stops_before_step_0(data, tmp_path, capsys, shard, subprocess_):
     d = tmp_path / "d"
     shutil.copytree(data.parent, d)
     _corrupt(d / shard)
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "trainer.run", "--shards", str(d / "manifest.json"), "--out-dir", str(out),
-                        "--steps", "6", "--micro-batch", "4", "--eval-windows", "8", "--no-progress"],  # default workers, verify
-                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    line = one_error(r.stderr)
-    assert r.returncode == 2 and shard in line and "corrupted" in line
+    argv = ["--shards", str(d / "manifest.json"), "--out-dir", str(out), "--steps", "6", "--micro-batch", "4",
+            "--eval-windows", "8", "--no-progress"]  # default --workers 2 and --verify
+    if subprocess_:
+        r = subprocess.run([sys.executable, "-m", "trainer.run", *argv], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        rc, err = r.returncode, r.stderr
+    else:
+        rc, err = cli(argv, capsys)
+    line = one_error(err)
+    assert rc == 2 and shard in line and "corrupted" in line
     assert not (out / "metrics.jsonl").exists()  # no step trained
 
 
@@ -490,7 +511,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(data, tmp_path, ca
     assert cli(args(data, out, "--halt-after", "2"), capsys)[0] == 0
     ck = out / "ckpt"
     kept = snapshot(ck)
-    assert (ck / "step-000002" / "model.safetensors").stat().st_size > 64_000
+    assert (step2(ck) / "model.safetensors").stat().st_size > 64_000
     r = subprocess.run([sys.executable, "-m", "trainer.run", *args(data, out)], env=ENV, cwd=ROOT, capture_output=True,
                        text=True, timeout=300, preexec_fn=_limited(64_000))  # every file may hold 64 kB
     line = one_error(r.stderr)
@@ -499,6 +520,26 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(data, tmp_path, ca
     assert snapshot(ck) == kept  # the previous checkpoint and its pointer, untouched; no temporary left
     assert cli(args(data, out), capsys)[0] == 0  # space again: the same command continues
     assert same_weights(final_weights(out), reference[4])
+
+
+def test_no_space_left_while_saving(data, tmp_path, capsys, monkeypatch):
+    """ENOSPC (a full disk rather than a file size limit), raised where safetensors writes."""
+    import errno
+
+    import trainer.checkpoint as ck
+
+    out = tmp_path / "o"
+    assert cli(args(data, out, "--halt-after", "2"), capsys)[0] == 0
+    kept = snapshot(out / "ckpt")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_model", full)
+    rc, err = cli(args(data, out), capsys)
+    line = one_error(err)
+    assert rc == 2 and "No space left on device" in line and "step-000004" in line and "step-000002" in line
+    assert snapshot(out / "ckpt") == kept
 
 
 def test_full_disk_while_logging_metrics(data, tmp_path, capsys):
@@ -585,10 +626,15 @@ def gen_ckpts(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-def gen(argv: list[str], capsys) -> tuple[int, str, str]:
-    from trainer.generate import cli as gen_cli
+def step2(ck: Path) -> Path:
+    """The step-2 checkpoint of a run's ckpt directory (the flat layout of 86129a6: the directory)."""
+    return ck / "step-000002" if (ck / "step-000002").is_dir() else ck
 
-    rc = gen_cli(argv)
+
+def gen(argv: list[str], capsys) -> tuple[int, str, str]:
+    import trainer.generate
+
+    rc = trainer.generate.cli(argv) if hasattr(trainer.generate, "cli") else _as_main(trainer.generate.main, argv, ())
     o = capsys.readouterr()
     return rc, o.out, o.err
 
@@ -597,7 +643,7 @@ def test_generate_from_run_dir_step_dir_and_without_optimiser_state(gen_ckpts, t
     base = ["--prompt", "w1 w2", "--max-new-tokens", "3", "--temperature", "0", "--ignore-eos"]
     ck = gen_ckpts["cocomix"]
     outs = []
-    for where in (ck, ck / "step-000002"):
+    for where in (ck, step2(ck)):
         rc, out, err = gen(["--ckpt", str(where), *base, "--steer", "5=3"], capsys)
         assert rc == 0, err
         outs.append(out)
@@ -605,7 +651,7 @@ def test_generate_from_run_dir_step_dir_and_without_optimiser_state(gen_ckpts, t
     light = tmp_path / "light"
     light.mkdir()
     for f in ("model.safetensors", "config.json"):  # what one shares for inference: no state.pt
-        shutil.copy(ck / "step-000002" / f, light / f)
+        shutil.copy(step2(ck) / f, light / f)
     rc, out, err = gen(["--ckpt", str(light), *base], capsys)
     assert rc == 0 and out.startswith("w1 w2"), err
 
@@ -614,12 +660,12 @@ def test_generate_errors_are_one_line(gen_ckpts, tmp_path, capsys):
     ck, ntp = gen_ckpts["cocomix"], gen_ckpts["ntp"]
     no_model = tmp_path / "no_model"
     no_model.mkdir()
-    shutil.copy(ck / "step-000002" / "config.json", no_model / "config.json")
+    shutil.copy(step2(ck) / "config.json", no_model / "config.json")
     torn = tmp_path / "torn"
-    shutil.copytree(ck / "step-000002", torn)
+    shutil.copytree(step2(ck), torn)
     (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:1000])
     bad_json = tmp_path / "bad_json"
-    shutil.copytree(ck / "step-000002", bad_json)
+    shutil.copytree(step2(ck), bad_json)
     (bad_json / "config.json").write_text("{")
     dangling = tmp_path / "dangling"
     dangling.mkdir()
