@@ -1,10 +1,17 @@
-"""Stage-1 throughput: a plain single-process loop vs 1 vs 2 Ray tokenizer actors, same corpus.
+"""Stage-1 throughput: a plain single-process loop vs 1 vs 2 Ray tokenizer actors, same corpus;
+and stage 1's peak memory on a single huge document.
 
     python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512]
+    python bench/stage1.py --memory 20 50 [--code OTHER_CHECKOUT]
 
 Tokens/s counts documents' tokens plus EOS, from the first batch to the last window written (the
-driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is included). All
-runs must produce byte-identical shards; the script checks that too.
+driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is included), as
+logged in OUT/runs.jsonl. All runs must produce byte-identical shards; the script checks that too.
+
+``--memory MB...``: for each size, one document of that many MB on a single line (words and spaces,
+no newline), stage 1 ``--in-process`` in a child process; prints the child's peak RSS (os.wait4).
+``--code DIR`` runs the stage 1 of another checkout (e.g. ``git worktree add /tmp/old 86129a6``) for a
+before / after comparison.
 """
 
 from __future__ import annotations
@@ -12,15 +19,51 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.raylib import init_ray  # noqa: E402
-from pipeline.tokenize import TokenizeConfig, run  # noqa: E402
+from pipeline.tokenize import TokenizeConfig, read_runs, run  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/owt-sample/owt_train.txt"
+
+
+def one_line_document(path: Path, mb: float) -> Path:
+    words = "the of and to in a is that for it as was with be by on not he this are language model window".split()
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        n = 0
+        while n < mb * 1e6:
+            s = " ".join(rng.choice(words) for _ in range(2000)) + " "
+            f.write(s)
+            n += len(s)
+        f.write("\n")
+    return path
+
+
+def memory(sizes: list[float], tokenizer: str, seq_len: int, code: Path) -> None:
+    print(f"stage 1 --in-process of {code} on one-line documents, tokenizer {tokenizer}, seq_len {seq_len}")
+    print(f"{'document':>10s} {'peak RSS MB':>12s} {'wall s':>8s}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for mb in sizes:
+            corpus = one_line_document(Path(tmp) / f"line{mb}.txt", mb)
+            t = time.perf_counter()
+            # cwd first on sys.path: `python -m` imports that checkout's pipeline package.
+            p = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", "--in-process", "--corpus", str(corpus),
+                                  "--tokenizer", tokenizer, "--out", f"{tmp}/o{mb}", "--seq-len", str(seq_len),
+                                  "--val-fraction", "0"], cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(p.pid, 0)
+            err = p.stderr.read().decode(errors="replace")
+            p.stderr.close()
+            if os.waitstatus_to_exitcode(status) != 0:
+                print(f"{mb:>8g} MB failed: {err[-500:]}")
+                continue
+            print(f"{mb:>8g} MB {usage.ru_maxrss / 1024:12,.0f} {time.perf_counter() - t:8.1f}")
 
 
 def main() -> None:
@@ -28,7 +71,12 @@ def main() -> None:
     p.add_argument("--corpus", nargs="+", default=[str(DEFAULT)])
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--memory", type=float, nargs="+", metavar="MB", help="peak RSS on one-line documents of these sizes")
+    p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1], help="checkout whose stage 1 --memory runs")
     a = p.parse_args()
+    if a.memory:
+        memory(a.memory, a.tokenizer, a.seq_len, a.code)
+        return
     logging.basicConfig(level=logging.WARNING)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, in every variant
     init_ray("local")
@@ -36,9 +84,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw in [("plain loop (no Ray)", {"in_process": True}), ("Ray, 1 actor", {"num_workers": 1}),
                          ("Ray, 2 actors", {"num_workers": 2})]:
-            m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=f"{tmp}/{len(rows)}", seq_len=a.seq_len, **kw))
+            out = f"{tmp}/{len(rows)}"
+            m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=out, seq_len=a.seq_len, **kw))
             sums = [pt.checksum for s in m.splits.values() for sh in s.shards for pt in sh.parts.values()]
-            rows.append((name, m.stats["tokens_per_s"], m.stats["wall_s"], sums))
+            log = read_runs(out)[-1]  # timings live in the run log, not in the manifest
+            rows.append((name, log["tokens_per_s"], log["wall_s"], sums))
     base = rows[0][1]
     print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs\n{'variant':22s} {'tokens/s':>10s} {'wall s':>8s} {'vs plain':>9s}")
     for name, tps, wall, _ in rows:

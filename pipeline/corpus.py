@@ -1,10 +1,16 @@
 """Streaming corpus readers: text, JSONL, Parquet, directories / globs of them, HF datasets.
 
 Every reader yields :class:`Piece` objects in a fixed order. A document longer than
-``max_piece_chars`` arrives as several pieces (cut only after a newline that is followed by a
-non-space character, where byte-level BPE pre-tokenisers split anyway, so the token ids equal those of
-the whole document), so one enormous document is never held in memory twice. Nothing is dropped
-silently: every skip is counted in :class:`CorpusStats`, which ends up in the manifest.
+``max_piece_chars`` arrives as several pieces of ``max_piece_chars`` to ``2 * max_piece_chars``,
+cut where a byte-level BPE pre-tokeniser (GPT-2 / Llama-3 regex, SmolLM2's included) ends a
+pre-token anyway, so the token ids equal those of the whole document: after a single newline between
+two non-space characters, or before a space that follows a non-space character. (A pre-token holds a
+space only at its start or inside a run of whitespace, and a run of whitespace before a non-space
+character gives up its last character, so "\n\nX" or "\r\nX" must not be cut after the newline.)
+Text files are read in slices of at most ``max_piece_chars`` bytes, so even a single 50 MB line never
+sits in memory whole; a stretch of ``2 * max_piece_chars`` without a safe point (e.g. base64) is cut
+anyway at a character boundary and counted (``forced_cuts``). Nothing is dropped silently: every skip
+is counted in :class:`CorpusStats`, which ends up in the manifest.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +27,11 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 _SNIFF_BYTES = 8192
+# Cut points that are pre-token boundaries for byte-level BPE (see the module docstring). The bytes
+# form accepts only printable ASCII around the cut, so it never splits a UTF-8 character and never
+# mistakes the tail of a multi-byte space (U+00A0, U+3000) for a non-space.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= )")
+_SAFE_CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[\x21-\x7e])(?= )")
 
 
 @dataclass
@@ -44,6 +56,9 @@ class CorpusConfig:
             raise ValueError("no corpus given: pass --corpus PATH [PATH ...]")
         if self.max_piece_chars < 1024:
             raise ValueError("max_piece_chars must be at least 1024")
+        if not self.delimiter.strip() and not self.doc_per_file:
+            # An empty delimiter would make every blank line end a document, silently.
+            raise ValueError("--delimiter must not be empty or blank (or pass --doc-per-file)")
 
 
 @dataclass
@@ -67,6 +82,9 @@ class CorpusStats:
     """Documents with invalid UTF-8, decoded with U+FFFD replacement characters."""
     bytes: int = 0
     """Bytes of text read."""
+    forced_cuts: int = 0
+    """Long documents cut where the tokenizer may not split (no safe point within 2 x max_piece_chars,
+    e.g. a base64 blob): the ids next to such a cut may differ from the whole document's."""
     files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -116,6 +134,21 @@ def expand_sources(paths: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def check_sources(cfg: CorpusConfig) -> None:
+    """The checks that need no parsing, run before any heavy work (tokenizer, Ray): every path
+    exists, no text file looks binary, the corpus is not only empty files. Errors name the path."""
+    sources = expand_sources(cfg.paths)
+    files = [loc for kind, loc, _ in sources if kind in ("text", "jsonl", "parquet")]
+    try:
+        for kind, loc, _ in sources:
+            if kind == "text" and _looks_binary(loc):
+                raise ValueError(f"corpus file {loc!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
+        if files and len(files) == len(sources) and all(os.path.getsize(f) == 0 for f in files):
+            raise ValueError(f"corpus {' '.join(cfg.paths)} is empty (0 bytes): pass files that hold documents")
+    except OSError as e:
+        raise ValueError(f"corpus file {e.filename!r} cannot be read: {e.strerror or e}") from e
+
+
 def _decode(data: bytes, stats_flag: list[bool]) -> str:
     try:
         return data.decode("utf-8")
@@ -124,18 +157,35 @@ def _decode(data: bytes, stats_flag: list[bool]) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def _split_long(text: str, max_chars: int) -> Iterator[str]:
-    """Cut ``text`` after newlines followed by a non-space character, in pieces of >= max_chars."""
+def _split_long(text: str, max_chars: int, stats: CorpusStats | None = None) -> Iterator[str]:
+    """Cut ``text`` at safe points (module docstring) into pieces of ``max_chars`` to
+    ``2 * max_chars``; a stretch without one is cut at ``max_chars`` and counted in ``stats``."""
     start = 0
     while len(text) - start > max_chars:
-        cut = start + max_chars
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut += 1
-        if cut >= len(text):
-            break
+        hi = min(len(text), start + 2 * max_chars)
+        m = _SAFE_CUT.search(text, start + max_chars, hi)  # a regex scan, not a Python loop per char
+        if m is not None:
+            cut = m.start()
+        elif hi == len(text):
+            break  # the rest is at most 2 * max_chars: one last piece
+        else:
+            cut = start + max_chars
+            if stats is not None:
+                stats.forced_cuts += 1
         yield text[start:cut]
         start = cut
     yield text[start:]
+
+
+def _with_last(parts: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """(part, is_last) without materialising the parts."""
+    prev: str | None = None
+    for p in parts:
+        if prev is not None:
+            yield prev, False
+        prev = p
+    if prev is not None:
+        yield prev, True
 
 
 class _Emitter:
@@ -151,58 +201,85 @@ class _Emitter:
         self.stats.documents += 1
         self.stats.utf8_replaced += replaced
         doc_id = f"{source}:{index}"
-        pieces = list(_split_long(text, self.cfg.max_piece_chars)) if len(text) > self.cfg.max_piece_chars else [text]
-        for i, t in enumerate(pieces):
-            yield Piece(doc_id, t, i == len(pieces) - 1)
+        for t, last in _with_last(_split_long(text, self.cfg.max_piece_chars, self.stats)):
+            yield Piece(doc_id, t, last)
+
+
+def _looks_binary(path: str) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(_SNIFF_BYTES)
+
+
+def _forced_cut(buf: bytearray, pos: int) -> int:
+    """``pos`` moved back to the start of a UTF-8 character (continuation bytes are 0x80-0xBF)."""
+    for c in range(pos, pos - 4, -1):
+        if not 0x80 <= buf[c] <= 0xBF:
+            return c
+    return pos  # not UTF-8 there anyway: decoded with replacement characters either way
 
 
 def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
+    """Documents of a text file, read in slices of at most ``max_piece_chars`` bytes (a 50 MB line
+    included), so memory stays bounded by the piece size, not the document size."""
+    if _looks_binary(path):
+        raise ValueError(f"corpus file {path!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
+    limit = cfg.max_piece_chars
+    delim = cfg.delimiter.encode()
+    index = 0
+    buf = bytearray()  # the current document's bytes not yet yielded
+    scanned = 0  # cut points before this offset of ``buf`` were already searched
+    emitted = False  # pieces of the current document already yielded
+    replaced = [False]
+
+    def piece(data: bytes) -> Piece:
+        nonlocal emitted
+        if not emitted:
+            em.stats.documents += 1
+        emitted = True
+        return Piece(f"{source}:{index}", _decode(data, replaced), False)
+
+    def end_document() -> Iterator[Piece]:
+        nonlocal buf, scanned, emitted, index, replaced
+        data = bytes(buf)
+        buf, scanned = bytearray(), 0
+        # The newline before a delimiter line (or at the end of the file) is format, not text.
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+        text = _decode(data, replaced)
+        if emitted:
+            em.stats.utf8_replaced += replaced[0]
+            yield Piece(f"{source}:{index}", text, True)
+        else:
+            yield from em.whole(source, index, text, replaced[0])
+        index += 1
+        emitted, replaced = False, [False]
+
     with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-        if b"\0" in head:
-            raise ValueError(f"corpus file {path!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
-        f.seek(0)
-        delim = cfg.delimiter.encode()
-        index = 0
-        buf: list[bytes] = []
-        size = 0
-        emitted = False  # pieces of the current document already yielded
-        replaced = [False]
-
-        def flush(final: bool) -> Iterator[Piece]:
-            nonlocal buf, size, emitted, index, replaced
-            data = b"".join(buf)
-            buf, size = [], 0
-            if final:
-                # The newline before a delimiter line (or at the end of the file) is format, not text.
-                data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
-                if emitted:
-                    text = _decode(data, replaced)
-                    em.stats.utf8_replaced += replaced[0]
-                    yield Piece(f"{source}:{index}", text, True)
-                else:
-                    text = _decode(data, replaced)
-                    yield from em.whole(source, index, text, replaced[0])
-                index += 1
-                emitted, replaced = False, [False]
-            else:
-                if not emitted:
-                    em.stats.documents += 1
-                emitted = True
-                yield Piece(f"{source}:{index}", _decode(data, replaced), False)
-
-        for line in f:
-            em.stats.bytes += len(line)
-            if not cfg.doc_per_file and line.rstrip(b"\r\n") == delim:
-                yield from flush(True)
+        at_line_start = True
+        while seg := f.readline(limit):
+            em.stats.bytes += len(seg)
+            whole_line = at_line_start and (seg.endswith(b"\n") or len(seg) < limit)
+            at_line_start = seg.endswith(b"\n")
+            if whole_line and not cfg.doc_per_file and seg.rstrip(b"\r\n") == delim:
+                yield from end_document()
                 continue
-            # Long document: cut before a line that starts with a non-space character.
-            if size >= cfg.max_piece_chars and line[:1] not in (b" ", b"\t", b"\n", b"\r", b""):
-                yield from flush(False)
-            buf.append(line)
-            size += len(line)
+            buf += seg
+            while len(buf) > limit:
+                hi = min(len(buf), 2 * limit)
+                m = _SAFE_CUT_BYTES.search(buf, max(limit, scanned), hi)
+                if m is not None:
+                    cut = m.start()
+                elif hi < 2 * limit:
+                    scanned = len(buf)  # the last offset needs the next byte to decide
+                    break
+                else:
+                    cut = _forced_cut(buf, limit)
+                    em.stats.forced_cuts += 1
+                data = bytes(buf[:cut])
+                del buf[:cut]
+                scanned = 0
+                yield piece(data)
         if buf or emitted:
-            yield from flush(True)
+            yield from end_document()
 
 
 def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tokenize import TokenizeConfig, in_val, main, run
+from pipeline.tokenize import TokenizeConfig, in_val, main, read_runs, run
 from shards import load_manifest, open_split
 from tests.conftest import owt_documents, write_corpus
 
@@ -55,7 +55,9 @@ def test_round_trip_and_token_counts(tmp_path, tiny_tokenizer_dir):
         joined = "<|endoftext|>".join(mine) + "<|endoftext|>"
         assert joined.startswith(text)
     assert len(m.splits["train"].shards) > 1  # small shard size forces several shards
-    assert m.corpus["documents"] == 40 and m.stats["tokens_per_s"] > 0
+    assert m.corpus["documents"] == 40 and m.stats == {}  # timings live in the run log, not the manifest
+    (log,) = read_runs(tmp_path / "out")
+    assert log["outcome"] == "wrote" and log["tokens_per_s"] > 0 and log["ray"] == "embedded"
 
 
 def test_val_corpus_forms_the_val_split(tmp_path, tiny_tokenizer_dir):
@@ -116,10 +118,13 @@ def test_rerun_reuses_refuses_and_overwrites(tmp_path, tiny_tokenizer_dir, capsy
         stage1(tmp_path, tiny_tokenizer_dir, docs, seed=7)
     m3 = stage1(tmp_path, tiny_tokenizer_dir, docs, seed=7, overwrite=True)
     assert m3.settings["seed"] == 7
+    assert [r["outcome"] for r in read_runs(tmp_path / "out")] == ["wrote", "reused", "wrote"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("user data")
-    with pytest.raises(ValueError, match="different dataset"):
-        stage1(tmp_path, tiny_tokenizer_dir, docs, name="other")
+    with pytest.raises(ValueError, match="did not write") as e:
+        stage1(tmp_path, tiny_tokenizer_dir, docs, name="other", overwrite=True)
+    assert "keep.txt" in str(e.value) and "--overwrite" not in str(e.value)
+    assert (tmp_path / "other" / "keep.txt").read_text() == "user data"
 
 
 def test_bad_corpus_inputs_via_cli(tmp_path, tiny_tokenizer_dir, capsys):
