@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -312,6 +313,19 @@ class Trainer:
         remove_tree_of_ours(tmp)  # left by a save that died: may mix files of two steps
         remove_tree_of_ours(old)
         tmp.mkdir(parents=True)
+        try:
+            self._write_checkpoint(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # incomplete (no state.pt): never trusted, but tidy
+            raise
+        if d.exists():
+            os.replace(d, old)
+            os.replace(tmp, d)
+            remove_tree_of_ours(old)
+        else:
+            os.replace(tmp, d)
+
+    def _write_checkpoint(self, tmp: Path) -> None:
         save_sae(self.sae, tmp, model_name=self.cfg.teacher)
         state = io.BytesIO()  # serialised in memory: a full disk is an OSError naming the file
         torch.save(
@@ -330,13 +344,7 @@ class Trainer:
             },
             state,
         )
-        atomic_write_bytes(tmp / STATE, state.getvalue())
-        if d.exists():
-            os.replace(d, old)
-            os.replace(tmp, d)
-            remove_tree_of_ours(old)
-        else:
-            os.replace(tmp, d)
+        atomic_write_bytes(tmp / STATE, state.getvalue())  # last: its presence marks tmp complete
 
     def _load_checkpoint(self) -> None:
         from sae.io import load_sae
@@ -431,7 +439,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "fvu": out.fvu.item(),
-            "auxk": float(aux),
+            "auxk": float(aux.detach()),
             "l0": (out.vals > 0).sum(-1).float().mean().item(),
             "dead": dead.float().mean().item(),
             "lr": self.opt.param_groups[0]["lr"],
