@@ -83,7 +83,8 @@ class ExtractConfig:
     sae_format: Literal["openai", "saelens", "sparsify", "cocomix"] | None = None
     """SAE format (default: detected)."""
     layer: int | None = None
-    """Teacher block whose output the SAE reads, 0-based (default: the SAE's metadata)."""
+    """Teacher block whose output the SAE reads, 0-based; -1 is the last block, -2 the one before (recorded
+    as the non-negative index) (default: the SAE's metadata)."""
     attribution: Literal["act_x_grad", "preact_x_grad", "activation"] = "act_x_grad"
     """act_x_grad (reference code), preact_x_grad (paper Eq. 1, dense), activation (ablation)."""
     k_attr: int = 4
