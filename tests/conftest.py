@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Every Ray a test starts listens on 127.0.0.1 only (Ray otherwise swaps 127.0.0.1 for the machine's
+# routable address; NOTES.md). Read when `ray` is first imported, hence here; subprocesses inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 OWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "owt-sample"
 _WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
@@ -93,7 +97,8 @@ def tiny_teacher_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the whole test session (starting it costs seconds)."""
+    """One private embedded Ray for the whole test session (starting it costs seconds); "local" starts
+    one even when a cluster runs on this machine (pipeline/raylib.py)."""
     from pipeline.raylib import init_ray
 
     init_ray("local", num_cpus=2)

@@ -174,7 +174,7 @@ def test_cluster_config_is_a_valid_ray_cluster_yaml():
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline" / "cluster.yaml").read_text())
     validate_config(prepare_config(raw))  # Ray's own schema check (raises on a bad field)
-    assert raw["file_mounts"] == {"~/cocomix": "."}
+    assert raw["file_mounts"] == {"~/cocomix": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     assert any("pip install" in c and "-e ~/cocomix" in c for c in raw["setup_commands"])
     assert raw["available_node_types"]["gpu.worker"]["node_config"]["InstanceType"].startswith("g5")
 

@@ -190,7 +190,7 @@ def test_an_address_nobody_answers_on_fails_fast(tmp_path, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def head():
-    """`ray start --head` on 127.0.0.1 with fixed free ports, its own temp dir and auth token."""
+    """`ray start --head` on 127.0.0.1 with fixed free ports, its own temp dir (RAY_TMPDIR) and auth token."""
     tmp = Path(tempfile.mkdtemp(prefix="crh", dir="/tmp"))  # short: Ray's socket paths live under it
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
@@ -207,7 +207,7 @@ def head():
            "--dashboard-agent-grpc-port", str(ports["agent_grpc"]), "--runtime-env-agent-port", str(ports["runtime_env"]),
            "--metrics-export-port", str(ports["metrics"]), "--min-worker-port", str(workers),
            "--max-worker-port", str(workers + 39), "--num-cpus", "2", "--object-store-memory", str(100 << 20),
-           "--temp-dir", str(tmp), "--disable-usage-stats"]
+           "--disable-usage-stats"]  # no --temp-dir: RAY_TMPDIR/ray, where ray.init looks for `ray start`'s record
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
     try:
@@ -226,7 +226,7 @@ def head():
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its own processes
-            proc.wait(timeout=5)
+            proc.wait(timeout=2)
         except (OSError, subprocess.TimeoutExpired):
             pass
         try:
@@ -261,9 +261,13 @@ def job_submit(head, entrypoint: list[str], timeout: float = 240) -> tuple[int, 
     return r.returncode, r.stdout + r.stderr
 
 
-def test_stage2_as_a_ray_job_on_a_local_head(head, inputs, tiny_teacher_dir, tmp_path):
-    args = ["python", "pipeline/extract.py", "--tokens", str(inputs / "tokens"), "--teacher", str(tiny_teacher_dir),
+def extract_args(inputs: Path, teacher: Path) -> list[str]:
+    return ["python", "pipeline/extract.py", "--tokens", str(inputs / "tokens"), "--teacher", str(teacher),
             "--sae", str(inputs / "sae"), "--k-mix", "4", "--batch-size", "4", "--device", "cpu", "--num-workers", "1"]
+
+
+def test_stage2_as_a_ray_job_on_a_local_head(head, inputs, tiny_teacher_dir, tmp_path):
+    args = extract_args(inputs, tiny_teacher_dir)
     out_dir = tmp_path / "owt"
     rc, out = job_submit(head, [*args, "--out", str(out_dir), "--manifest", str(out_dir / "owt-l1.json")])
     assert rc == 0 and "succeeded" in out, out[-4000:]
@@ -273,10 +277,12 @@ def test_stage2_as_a_ray_job_on_a_local_head(head, inputs, tiny_teacher_dir, tmp
     assert f"manifest: {out_dir / 'owt-l1.json'}" in out  # printed absolute
     assert "Ray: cluster at 127.0.0.1:" in out, out[-4000:]  # the job's driver joined the head: logged as such
 
-    # A relative --out would have landed in Ray's temporary copy of the working dir: refused, one line.
-    rc, out = job_submit(head, [*args, "--out", "rel-out"])
+
+def test_a_relative_out_is_refused_inside_the_job(head, inputs, tiny_teacher_dir):
+    """It would have landed in Ray's temporary copy of the working dir (and been lost): one error line."""
+    rc, out = job_submit(head, [*extract_args(inputs, tiny_teacher_dir), "--out", "rel-out"])
     assert rc != 0 and "error: --out 'rel-out' is a relative path, and this runs inside the Ray job raysubmit_" in out, out[-4000:]
-    assert "Traceback" not in out and not list(head["tmp"].glob("session_*/runtime_resources/working_dir_files/*/rel-out"))
+    assert "Traceback" not in out and not list(head["tmp"].glob("ray/session_*/runtime_resources/working_dir_files/*/rel-out"))
 
 
 PROBE = """
@@ -290,16 +296,16 @@ print(json.dumps({"first": first, "again": init_ray(None), "gcs": gcs, "cpus": r
 
 
 def test_ray_address_local_beside_a_head_starts_a_private_ray(head):
-    """With the head's address in RAY_ADDRESS, --ray-address local still starts a Ray of its own; joining
-    is reported as "cluster" (also by a second init_ray in the same process, which returns the truth)."""
-    env = clean_env(RAY_ADDRESS=f"127.0.0.1:{head['gcs']}", RAY_TMPDIR=str(head["tmp"]), RAY_AUTH_MODE="token",
-                    RAY_AUTH_TOKEN_PATH=str(head["token"]), **{MARKER: head["env"][MARKER]})
+    """With the head's address in RAY_ADDRESS, --ray-address local still starts a Ray of its own; with no
+    address on the head's machine (`ray submit`), the cluster `ray start` recorded is joined, and reported
+    as "cluster", also by a second init_ray in the same process."""
+    env = clean_env(RAY_TMPDIR=str(head["tmp"]), RAY_AUTH_TOKEN_PATH=str(head["token"]), **{MARKER: head["env"][MARKER]})
     results = {}
-    for address in ("local", "default"):
-        rc, out, _ = run_cli(["-c", PROBE, address if address != "default" else ""], env, 120)
+    for address, extra in (("local", {"RAY_ADDRESS": f"127.0.0.1:{head['gcs']}", "RAY_AUTH_MODE": "token"}), ("", {})):
+        rc, out, _ = run_cli(["-c", PROBE, address], {**env, **extra}, 120)
         assert rc == 0, out[-3000:]
         results[address] = {**json.loads(next(x for x in reversed(out.splitlines()) if x.startswith("{"))), "log": out}
-    local, joined = results["local"], results["default"]
+    local, joined = results["local"], results[""]
     assert local["gcs"] != f"127.0.0.1:{head['gcs']}" and local["first"] == local["again"] == "embedded"
     assert local["cpus"] == 1 and "Ray: embedded, a private Ray started by this process" in local["log"]
     assert joined["gcs"] == f"127.0.0.1:{head['gcs']}" and joined["first"] == joined["again"] == "cluster"
