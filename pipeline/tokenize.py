@@ -671,12 +671,18 @@ def run(cfg: TokenizeConfig) -> Manifest:
             yield [p.text for _, p in b]
 
     bar = tqdm(unit="doc", desc="stage 1", dynamic_ncols=True, file=sys.stderr)
+    first_piece = True
     try:
         for ids_list in encode(texts(batches)):
             batch = pending_batches.pop(0)
             for (split, piece), ids in zip(batch, ids_list, strict=True):
-                tag = b"val\0" if split == "val" else b""  # moving a file between roles changes the fingerprint
-                corpus_hash.update(tag + piece.doc_id.encode() + b"\0" + piece.text.encode() + b"\0")
+                # The fingerprint hashes id and text of each document, whatever its pieces (for a
+                # one-piece document the same bytes as before pieces existed).
+                if first_piece:
+                    tag = b"val\0" if split == "val" else b""  # moving a file between roles changes the fingerprint
+                    corpus_hash.update(tag + piece.doc_id.encode() + b"\0")
+                corpus_hash.update(piece.text.encode() + (b"\0" if piece.last else b""))
+                first_piece = piece.last
                 if split is None:
                     split = "val" if in_val(piece.doc_id, cfg.seed, cfg.val_fraction) else "train"
                 writers[split].add(ids, eos if piece.last else None)

@@ -360,3 +360,15 @@ def rss_of_stage1(tmp_path: Path, tok: Path, mb: int) -> tuple[float, subprocess
         so.seek(0)
         se.seek(0)
         return usage.ru_maxrss / 1024, subprocess.CompletedProcess(p.args, p.returncode, so.read(), se.read())
+
+
+def test_corpus_fingerprint_does_not_depend_on_pieces(tmp_path, tiny_tokenizer_dir):
+    """A 1.1 MB document arrives in two pieces; the fingerprint hashes whole documents (id, text)."""
+    import hashlib
+
+    big = "\n".join(owt_documents(40)) * 20
+    docs = [owt_documents(1)[0], big[:1_100_000].strip(), "last one"]
+    write_corpus(tmp_path / "corpus.txt", docs)
+    m = run(cfg(tmp_path, tiny_tokenizer_dir, val_fraction=0.0))
+    h = hashlib.sha256(b"".join(f"corpus.txt:{i}".encode() + b"\0" + d.encode() + b"\0" for i, d in enumerate(docs)))
+    assert m.corpus["fingerprint"] == "sha256:" + h.hexdigest()[:16] and m.corpus["documents"] == 3
