@@ -176,3 +176,35 @@ def test_bf16_above_hook_keeps_the_residual_exact():
     rec_exact, _ = make_runner(dtype="float32").run(windows())
     rec_mixed, _ = mixed_runner.run(windows())
     assert rec_exact["mix_ids"].tobytes() == rec_mixed["mix_ids"].tobytes()
+
+
+def test_negative_layer_counts_from_the_last_block():
+    """--layer -1 is the last block (as in Python), resolved once to its non-negative index; the hook is
+    the block's own output, not HF's hidden_states[-1] (which comes after the final norm, NOTES.md)."""
+    from pipeline.runner import check_compatible
+
+    sae = random_sae(layer=1)
+    def cfg(layer):
+        return RunnerConfig(teacher="t", sae="s", layer=layer, k_mix=6)
+
+    assert [check_compatible(sae, cfg(v), 2, D) for v in (-1, -2, 1, None)] == [1, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"--layer -3 is out of range: the teacher has 2 blocks, 0\.\.1 \(or -2\.\.-1 counting"):
+        check_compatible(sae, cfg(-3), 2, D)
+    with pytest.raises(ValueError, match="hook layer 5 is out of range.*pass the right --teacher or --sae"):
+        check_compatible(random_sae(layer=5), cfg(None), 2, D)
+
+    last = make_runner(layer=-1)
+    assert last.layer == 1 and last.hook == HookSpec(1, "resid_post")
+    model = tiny_gpt2()
+    runner = TeacherRunner(RunnerConfig(teacher="t", sae="s", device="cpu", layer=-1, k_mix=6), model=model,
+                           sae=random_sae(layer=1))
+    tokens = torch.from_numpy(windows().astype(np.int64))
+    x = runner.residual_and_grad(tokens)["x"]
+    with torch.no_grad():
+        hs = model(tokens[:, :-1], output_hidden_states=True).hidden_states
+    assert not torch.allclose(x, hs[-1], atol=1e-3)  # hidden_states[-1] is after ln_f
+    torch.testing.assert_close(model.transformer.ln_f(x), hs[-1], rtol=1e-5, atol=1e-5)  # x is right before it
+    rec_neg, _ = runner.run(windows())
+    rec_pos, _ = TeacherRunner(RunnerConfig(teacher="t", sae="s", device="cpu", layer=1, k_mix=6), model=tiny_gpt2(),
+                               sae=random_sae(layer=1)).run(windows())
+    assert all(rec_neg[k].tobytes() == rec_pos[k].tobytes() for k in rec_pos)
