@@ -135,8 +135,8 @@ def _recorded_cluster() -> tuple[str, str] | None:
 
 
 def _hints() -> str:
-    return ("check that its head runs (`ray status --address HOST:PORT` on the head node) and that this "
-            "machine reaches it, or pass --ray-address local for a private embedded Ray")
+    return ("check that its head runs (`RAY_AUTH_MODE=token ray status --address HOST:PORT` on the head node) "
+            "and that this machine reaches it, or pass --ray-address local for a private embedded Ray")
 
 
 def _auth_hint() -> str:
