@@ -122,7 +122,7 @@ class WindowDataset:
             self._starts = np.minimum(self._starts[: n_shards + 1], max(limit, 0))
         self._open: dict[int, list[ArrowShard | ZarrShard]] = {}
         if verify == "open":
-            verify_parts(s.parts[p] for s in self.shards for p in wanted_parts)
+            verify_parts(self.parts())
         elif verify == "lazy":  # checksums wait for first use, but a missing file fails here, not mid-run
             missing = [str(s.parts[p].path) for s in self.shards for p in wanted_parts if not s.parts[p].path.exists()]
             if missing:
@@ -131,6 +131,10 @@ class WindowDataset:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def parts(self) -> list[ShardPart]:
+        """Every shard part this dataset reads (the parts of its fields, of its shards), in order."""
+        return [s.parts[p] for s in self.shards for p in self._part_fields]
 
     def _shard(self, k: int) -> list[ArrowShard | ZarrShard]:
         readers = self._open.get(k)

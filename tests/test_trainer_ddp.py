@@ -77,3 +77,22 @@ def test_ddp_two_ranks_match_single_process(tmp_path, mode):
     wb = load_file(str(ddp_ckpt / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_ranks_share_the_shard_verification_and_all_stop_on_a_bad_one(tmp_path):
+    data = write_manifest(tmp_path / "d", windows=32, val_windows=8, seq_len=16, vocab=128, n_concepts=64)
+    shard = tmp_path / "d" / "train-00001.concepts.arrow"  # the second of 6 parts: rank 1's share
+    b = bytearray(shard.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    shard.write_bytes(bytes(b))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "trainer.run", "--shards", str(data), "--steps", "2", "--micro-batch", "2", "--eval-windows", "8",
+         "--workers", "0", "--no-progress", "--out-dir", str(tmp_path / "o")],
+        env=env, cwd=ROOT, timeout=300, capture_output=True, text=True,
+    )
+    assert r.returncode != 0
+    assert "error: shard" in r.stderr and "train-00001.concepts.arrow" in r.stderr and "corrupted" in r.stderr
+    assert "reported by another rank" in r.stderr  # rank 0 stopped too, without hashing that shard
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

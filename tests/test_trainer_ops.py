@@ -567,6 +567,16 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     assert f.read_text() == "mine"
 
 
+def test_out_dir_that_is_a_checkpoint_directory(data, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(args(data, out), capsys)[0] == 0
+    kept = snapshot(out)
+    for wrong in (out / "ckpt", out / "ckpt" / "step-000004"):
+        rc, err = cli(args(data, wrong), capsys)
+        assert rc == 2 and "is a checkpoint directory" in one_error(err)
+    assert snapshot(out) == kept
+
+
 # -- every user-facing error of trainer.run: exit 2, one line, no traceback -----------------------
 
 

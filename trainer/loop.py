@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from shards import load_manifest, open_split
+from shards.dataset import verify_parts
 from trainer import checkpoint, rundir
 from trainer.config import TrainConfig
 from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
@@ -132,9 +133,15 @@ class Trainer:
         self.last_ckpt: Path | None = self.resume_from
         if self.complete:  # nothing to train: no data read, no model built, nothing written
             return
-        self.train_ds = open_split(self.manifest, "train", verify=cfg.verify, fields=self.fields)
-        self.val_ds = (open_split(self.manifest, "val", verify=cfg.verify, fields=self.fields, limit=cfg.eval_windows)
+        # Under torchrun each rank hashes a share of the shards (not all of them: N ranks would read
+        # the data N times over) and a bad shard found by any rank stops every rank before step 0.
+        shared = cfg.verify == "open" and self.world > 1
+        verify = "none" if shared else cfg.verify
+        self.train_ds = open_split(self.manifest, "train", verify=verify, fields=self.fields)
+        self.val_ds = (open_split(self.manifest, "val", verify=verify, fields=self.fields, limit=cfg.eval_windows)
                        if cfg.eval_windows > 0 else None)
+        if shared:
+            self._verify_shared()
         self.sampler = StepSampler(len(self.train_ds), self.G, cfg.seed)
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
@@ -155,6 +162,18 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
+
+    def _verify_shared(self) -> None:
+        parts = [p for ds in (self.train_ds, self.val_ds) if ds is not None for p in ds.parts()]
+        error = ""
+        try:
+            verify_parts(parts[self.rank :: self.world])
+        except ValueError as e:
+            error = str(e)
+        bad = torch.tensor([1.0 if error else 0.0], device=self.device)
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise ValueError(error or "a shard is corrupted or missing (reported by another rank; see its error)")
 
     def _place(self) -> tuple[Path | None, bool]:
         """Where this run starts: (checkpoint to load or None, already complete). Refuses an out-dir

@@ -40,6 +40,9 @@ def check_path(out: Path) -> None:
         return
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out-dir {str(out)!r} is not writable: choose another --out-dir")
+    if (out / checkpoint.POINTER).is_file() or any((out / f).is_file() for f in ("model.safetensors", "state.pt")):
+        raise ValueError(f"--out-dir {str(out)!r} is a checkpoint directory, not a run directory: pass the run's "
+                         "directory (the parent of ckpt/) or choose another --out-dir")
     for name, is_dir in ((RECORD, False), (METRICS, False), (CKPT, True)):
         q = out / name
         if q.exists() and q.is_dir() != is_dir:
