@@ -167,6 +167,20 @@ def test_same_unfinished_run_continues_with_or_without_resume(data, tmp_path, ca
         assert same_weights(final_weights(out), reference[4])
 
 
+def test_resume_from_an_earlier_checkpoint_never_replaces_a_later_one(data, tmp_path, capsys, reference):
+    out = tmp_path / "o"
+    assert cli(args(data, out, "--halt-after", "2"), capsys)[0] == 0
+    early = tmp_path / "early"
+    shutil.copytree(out / "ckpt" / "step-000002", early)
+    assert cli(args(data, out, "--halt-after", "2"), capsys)[0] == 0  # now at step 4
+    kept = snapshot(out)
+    rc, err = cli(args(data, out, "--resume", str(early)), capsys)
+    assert rc == 2 and "holds this run at step 4, later than that checkpoint" in one_error(err)
+    assert snapshot(out) == kept
+    assert cli(args(data, tmp_path / "branch", "--resume", str(early)), capsys)[0] == 0  # another out-dir: fine
+    assert same_weights(final_weights(tmp_path / "branch"), reference[4]) and steps_in(tmp_path / "branch") == [3, 4]
+
+
 def test_free_settings_may_differ_on_resume(data, tmp_path, capsys, reference):
     out = tmp_path / "o"
     assert cli(args(data, out, "--halt-after", "2"), capsys)[0] == 0

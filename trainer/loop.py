@@ -203,6 +203,11 @@ class Trainer:
                                  + f"; choose another --out-dir for this run ({way})")
             if src is None:
                 src = existing.ckpt
+            elif existing.ckpt is not None and existing.step > int(checkpoint.read_config(src).get("step", 0)):
+                # Going back would cut metrics.jsonl and prune the later checkpoint: never implicitly.
+                raise ValueError(f"--resume {cfg.resume}: --out-dir {str(out)!r} holds this run at step {existing.step}, "
+                                 f"later than that checkpoint; choose another --out-dir to continue from it (its "
+                                 f"checkpoint {str(existing.ckpt)!r} is kept)")
         step = int(checkpoint.read_config(src).get("step", 0)) if src is not None else 0
         if step >= self.total_steps:
             if self.rank == 0:
