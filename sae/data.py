@@ -64,7 +64,8 @@ def iter_windows(source, skip: int = 0, loop: bool = True) -> Iterator[np.ndarra
                 yield w
             seen += 1
         if not any_window:
-            raise ValueError("the token source produced no window: corpus shorter than one window?")
+            raise ValueError("--corpus / --tokens produced no window: the data holds fewer tokens than one window "
+                             "(--seq-len); pass more text or a shorter --seq-len")
         if not loop:
             return
 

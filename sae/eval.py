@@ -184,35 +184,40 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
     n_tok = 0
     l0_sum = 0
     fire_count = torch.zeros(sae.n_latents, dtype=torch.long, device=cfg.device)
+    def next_batch() -> list[np.ndarray]:
+        return [w for _, w in zip(range(cfg.batch_windows), windows, strict=False)]
+
+    batch = next_batch()  # before the progress bar: an empty source is an error line of its own
     bar = tqdm(total=cfg.max_tokens, unit="tok", desc="sae.eval")
-    while n_tok < cfg.max_tokens:
-        batch = [w for _, w in zip(range(cfg.batch_windows), windows, strict=False)]
-        if not batch:
-            break
-        ids = torch.from_numpy(np.stack(batch)).to(cfg.device)  # (B, T)
-        B = ids.shape[0]
-        stats: dict[str, torch.Tensor] = {}
-        with capture_residual(model, sae.hook, edit=_splicer(sae, B, stats)):
-            logits = model(ids.repeat(3, 1), use_cache=False).logits  # (3B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids.repeat(3, 1)[:, 1:].flatten(), reduction="none")
-        nll = nll.view(3, -1)  # (3, B*(T-1))
-        for i, key in enumerate(("clean", "sae", "zero")):
-            sums[key] += nll[i].sum().item()
-        n_pred += nll.shape[1]
-        x, x_hat = stats["x"], stats["x_hat"]
-        sq_err += (x - x_hat).pow(2).sum().item()
-        x_sum = x.double().sum(0) if x_sum is None else x_sum + x.double().sum(0)
-        x_sq += x.pow(2).double().sum().item()
-        xn, xn_hat = stats["x_n"], stats["x_hat_n"]
-        sq_err_n += (xn - xn_hat).pow(2).sum().item()
-        xn_sum = xn.double().sum(0) if xn_sum is None else xn_sum + xn.double().sum(0)
-        xn_sq += xn.pow(2).double().sum().item()
-        active = stats["vals"] > 0
-        l0_sum += int(active.sum())
-        fire_count += torch.bincount(stats["ids"][active], minlength=sae.n_latents)
-        n_tok += len(x)
-        bar.update(len(x))
-    bar.close()
+    try:  # the bar ends its line before any error message
+        while n_tok < cfg.max_tokens and batch:
+            ids = torch.from_numpy(np.stack(batch)).to(cfg.device)  # (B, T)
+            B = ids.shape[0]
+            stats: dict[str, torch.Tensor] = {}
+            with capture_residual(model, sae.hook, edit=_splicer(sae, B, stats)):
+                logits = model(ids.repeat(3, 1), use_cache=False).logits  # (3B, T, V)
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids.repeat(3, 1)[:, 1:].flatten(), reduction="none")
+            nll = nll.view(3, -1)  # (3, B*(T-1))
+            for i, key in enumerate(("clean", "sae", "zero")):
+                sums[key] += nll[i].sum().item()
+            n_pred += nll.shape[1]
+            x, x_hat = stats["x"], stats["x_hat"]
+            sq_err += (x - x_hat).pow(2).sum().item()
+            x_sum = x.double().sum(0) if x_sum is None else x_sum + x.double().sum(0)
+            x_sq += x.pow(2).double().sum().item()
+            xn, xn_hat = stats["x_n"], stats["x_hat_n"]
+            sq_err_n += (xn - xn_hat).pow(2).sum().item()
+            xn_sum = xn.double().sum(0) if xn_sum is None else xn_sum + xn.double().sum(0)
+            xn_sq += xn.pow(2).double().sum().item()
+            active = stats["vals"] > 0
+            l0_sum += int(active.sum())
+            fire_count += torch.bincount(stats["ids"][active], minlength=sae.n_latents)
+            n_tok += len(x)
+            bar.update(len(x))
+            if n_tok < cfg.max_tokens:
+                batch = next_batch()
+    finally:
+        bar.close()
     if n_tok == 0:
         raise ValueError("no evaluation windows: the token source is empty")
     total_var = x_sq - (x_sum.pow(2).sum().item() / n_tok)  # sum ||x - mean||^2

@@ -9,6 +9,7 @@ is written first, so any directory sae.train has touched says which run it holds
 - The same run (every setting that decides the result equal), finished: nothing to do; the saved
   summary is printed again (idempotent). Unfinished: it continues from its last checkpoint (a kill -9 and
   a rerun of the same command give the same SAE), or starts over when it died before the first one.
+- A run that died before its first checkpoint (whatever its settings): replaced, it holds nothing to lose.
 - A run with other settings: refused, naming each difference, with the exact commands to continue it
   (``--resume``, when only settings a resume may change differ), to replace it (``--overwrite``: removes
   only the files sae.train wrote, a user's other files stay), or to choose another ``--out``.
@@ -171,6 +172,10 @@ def plan_out(out: Path, current: dict, resume: bool, overwrite: bool, argv: list
         return OutPlan("resume")
     if not diffs:
         return OutPlan("resume" if has_ckpt else "fresh")
+    if not finished and not has_ckpt:
+        # An attempt that died (or was refused, e.g. an empty corpus) before its first checkpoint: only its
+        # record and a few metrics lines, nothing a new run could lose. Replace them.
+        return OutPlan("fresh", overwrite=True)
     state = "a finished" if finished else "an unfinished"
     changed = "; ".join(f"{k}={saved.get(k)!r} there, {current[k]!r} here" for k in diffs)
     plain = ("--resume", "--no-resume", "--overwrite", "--no-overwrite")

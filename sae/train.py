@@ -262,14 +262,17 @@ class Trainer:
     """Owns the teacher, the window stream, the buffer, the SAE and its optimiser."""
 
     def __init__(self, cfg: TrainConfig, teacher: torch.nn.Module | None = None, plan: OutPlan | None = None) -> None:
-        """``cfg.layer`` must be resolved (non-negative, see ``prepare``); ``plan`` says what to do with
-        --out (default: ``sae.rundir.plan_out`` without a command line to quote)."""
+        """``cfg``, ``teacher`` and ``plan`` as ``prepare`` returns them; without ``plan``, ``prepare``
+        runs here (the command's checks, the layer resolved to its non-negative index)."""
         from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
 
         self.cfg = cfg
         self.out = Path(cfg.out)
+        if plan is None:  # called as a library: the same checks as the command (a negative layer resolved)
+            cfg, loaded, plan = prepare(cfg, [])
+            self.cfg, teacher = cfg, teacher if teacher is not None else loaded
         self.hook = HookSpec(cfg.layer, cfg.location)
-        self.plan = plan or plan_out(self.out, train_record(cfg), cfg.resume, cfg.overwrite, [])
+        self.plan = plan
         self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
         self.d_in = hidden_size(self.teacher)
         if cfg.tokens:
@@ -385,16 +388,21 @@ class Trainer:
         path = self.out / METRICS
         if not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+        kept = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= self.step:
+                    kept.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
+                continue
         atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
 
     def setup(self) -> None:
         cfg = self.cfg
         if self.plan.overwrite:
             kept = remove_ours(self.out)
-            print(f"--overwrite: removed the sae.train run in {self.out}" + (f" (kept {len(kept)} other entries)" if kept else ""),
-                  file=sys.stderr)
+            what = "--overwrite: removed the sae.train run" if cfg.overwrite else "replaced an attempt that stopped before its first checkpoint"
+            print(f"{what} in {self.out}" + (f" (kept {len(kept)} other entries)" if kept else ""), file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.plan.action == "resume":
             self._load_checkpoint()
@@ -456,20 +464,22 @@ class Trainer:
         bar = tqdm(total=cfg.max_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="sae.train")
         t0 = time.time() - self.elapsed
         metrics = self.last_metrics
-        with open(self.out / "metrics.jsonl", "a") as log:
-            while self.tokens + cfg.batch_size <= cfg.max_tokens:
-                self._fill_buffer()
-                x = self.buffer.next_batch(cfg.batch_size)
-                metrics = self.last_metrics = self.train_step(x)
-                bar.update(len(x))
-                bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
-                if self.step % cfg.log_every == 0:
-                    log.write(json.dumps(metrics | {"wall_s": round(time.time() - t0, 1)}) + "\n")
-                    log.flush()
-                if self.step % cfg.checkpoint_every == 0:
-                    self.elapsed = time.time() - t0
-                    self.save_checkpoint()
-        bar.close()
+        try:  # the bar ends its line before any error message
+            with open(self.out / METRICS, "a") as log:
+                while self.tokens + cfg.batch_size <= cfg.max_tokens:
+                    self._fill_buffer()
+                    x = self.buffer.next_batch(cfg.batch_size)
+                    metrics = self.last_metrics = self.train_step(x)
+                    bar.update(len(x))
+                    bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
+                    if self.step % cfg.log_every == 0:
+                        log.write(json.dumps(metrics | {"wall_s": round(time.time() - t0, 1)}) + "\n")
+                        log.flush()
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.elapsed = time.time() - t0
+                        self.save_checkpoint()
+        finally:
+            bar.close()
         self.elapsed = time.time() - t0
         self.save_checkpoint()
         save_sae(self.sae, self.out, model_name=cfg.teacher)

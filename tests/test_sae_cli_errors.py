@@ -112,6 +112,7 @@ def _build_world(root: Path, teacher: Path) -> World:
     # --out targets
     (root / "outs").mkdir()
     (root / "a_file.txt").write_text("mine\n")
+    (root / "empty.txt").write_text("")
     user = root / "outs" / "user_files"
     user.mkdir()
     (user / "notes.txt").write_text("mine\n")
@@ -174,6 +175,9 @@ CASES = [
      lambda w: ["--teacher", str(w.teacher), "--tokens", str(w.root / "no_tokens"), "--layer", "1", "--out", str(w.out("c2"))],
      "--tokens"),
     ("train-tokens-no-split", "sae.train", lambda w: train(w, "--split", "val", source="tokens", out="c3"), "--split 'val'"),
+    ("train-corpus-empty", "sae.train",
+     lambda w: ["--teacher", str(w.teacher), "--corpus", str(w.root / "empty.txt"), *TRAIN, "--layer", "1",
+                "--out", str(w.root / "empty_corpus_run")], "produced no window"),
     ("train-corpus-and-tokens", "sae.train", lambda w: train(w, "--tokens", str(w.tokens), out="c4"), "exactly one of --corpus or --tokens"),
     # ---- sae.train: --out
     ("train-out-is-file", "sae.train", lambda w: train(w, out=str(w.root / "a_file.txt")), "is a file"),
@@ -212,6 +216,9 @@ CASES = [
     ("eval-tokens-no-split", "sae.eval",
      lambda w: ["--sae", str(w.sae), "--teacher", str(w.teacher), "--tokens", str(w.tokens),
                 "--out", str(w.root / "eval_out_dir" / "e.json")], "--split 'val'"),
+    ("eval-corpus-empty", "sae.eval",
+     lambda w: ["--sae", str(w.sae), "--teacher", str(w.teacher), "--corpus", str(w.root / "empty.txt"),
+                "--out", str(w.root / "eval_out_dir" / "e.json")], "produced no window"),
     ("eval-max-tokens-zero", "sae.eval", lambda w: evaluate(w, "--max-tokens", "0"), "--max-tokens"),
     ("eval-seq-len-one", "sae.eval", lambda w: evaluate(w, "--seq-len", "1"), "--seq-len=1"),
     ("eval-seq-len-too-long", "sae.eval", lambda w: evaluate(w, "--seq-len", "4096"), "--seq-len 4096 is longer"),
@@ -321,6 +328,7 @@ def _check(r: subprocess.CompletedProcess, cid: str, module: str, expected: str,
     errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1, f"{cid}: {len(errors)} error lines\n{r.stderr[-2000:]}"
     assert expected in errors[0], f"{cid}: {errors[0]!r} lacks {expected!r}"
+    assert errors[0].startswith(("error: ", f"python -m {module}: error: ")), f"{cid}: not a line of its own: {errors[0]!r}"
     assert f"{module}:" not in r.stderr.replace(f"python -m {module}:", ""), f"{cid}: work started (progress bar)"
     if module == "sae.train" and "/outs/" in argv[argv.index("--out") + 1]:
         out_dir = Path(argv[argv.index("--out") + 1])

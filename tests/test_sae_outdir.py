@@ -130,6 +130,18 @@ def test_another_run_is_refused_with_the_exact_commands(inputs, tmp_path):
     assert resumed["tokens"] == 2048 and steps(out) == list(range(1, 17))
 
 
+def test_an_attempt_that_never_checkpointed_is_replaced(inputs, tmp_path):
+    """A run refused after it started (an empty corpus) left only its record: the corrected command runs."""
+    out = tmp_path / "run"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    teacher, _ = inputs
+    with pytest.raises(ValueError, match="produced no window"):
+        train(args((teacher, empty), out))
+    assert train(args(inputs, out))["tokens"] == 1024
+    assert steps(out) == list(range(1, 9))
+
+
 # ---------------------------------------------------------------- kill -9, crashes inside a save
 LONG = 32768  # 256 steps: long enough to kill mid-run
 
@@ -220,7 +232,8 @@ def test_full_disk_is_one_error_line_and_a_rerun_continues(inputs, tmp_path, cap
             rc, stderr = r.returncode, r.stderr
         assert "Traceback" not in stderr and rc == 2, stderr[-3000:]
         errors = [ln for ln in stderr.splitlines() if "error:" in ln]
-        assert len(errors) == 1 and "free some space" in errors[0] and str(out) in errors[0], errors
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "free some space" in errors[0], errors
+        assert str(out) in errors[0], errors
         assert "No space left on device" in errors[0] if how == "tmpfs" else "File too large" in errors[0]
         assert not (out / "summary.json").exists()
         no_temporaries(out)  # nothing half-written under a name a rerun would trust
