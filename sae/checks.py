@@ -88,9 +88,28 @@ def shape_of_model(name: str, model) -> TeacherShape:
     return TeacherShape(name, n_layers(model), hidden_size(model), pos)
 
 
+def _gguf_shape(name: str, path: Path) -> TeacherShape | None:
+    """Depth, width and context of a GGUF teacher from the file's header (gguf-py, which transformers
+    uses to read GGUF): ~4 s for SmolLM2 where loading the model takes ~30 s. None if unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+        def get(key: str) -> int | None:
+            f = reader.fields.get(f"{arch}.{key}")
+            return None if f is None else int(f.parts[f.data[0]][0])
+
+        n, width = get("block_count"), get("embedding_length")
+        return TeacherShape(name, n, width, get("context_length")) if n and width else None
+    except Exception:  # no gguf-py, another layout: the caller loads the model and asks it instead
+        return None
+
+
 def peek_teacher(name: str) -> TeacherShape | None:
-    """The teacher's shape from its config alone, or None for a GGUF file (its config is parsed from
-    the whole file, ~10 s for SmolLM2: such a teacher is checked right after it is loaded instead).
+    """The teacher's shape from its config alone (the header of a GGUF file); None when that cannot be
+    read without loading the model (then the caller loads it and uses :func:`shape_of_model`).
     ValueError for a path that does not exist, an alias whose package is missing, or a hub id that
     cannot be read (offline and not cached)."""
     from transformers import AutoConfig
@@ -102,7 +121,7 @@ def peek_teacher(name: str) -> TeacherShape | None:
     except ValueError as e:
         raise ValueError(f"--teacher: {e}") from e
     if src.gguf_file:
-        return None
+        return _gguf_shape(name, Path(src.path) / src.gguf_file)
     try:
         config = AutoConfig.from_pretrained(src.path)
     except (OSError, ValueError) as e:
