@@ -134,10 +134,21 @@ class OutPlan:
     """Delete what sae.train wrote in --out before starting (the user passed --overwrite)."""
     summary: dict | None = None
     """The finished run's summary (action ``done``)."""
+    argv: list[str] | None = None
+    """The command line, for the commands later refusals suggest."""
+
+    def command(self, add: list[str], drop: tuple[str, ...] = ("--resume", "--no-resume")) -> str:
+        return train_command(self.argv or [], add, drop)
 
 
 def plan_out(out: Path, current: dict, resume: bool, overwrite: bool, argv: list[str]) -> OutPlan:
     """Decide what to do with ``--out`` (see the module docstring); ValueError for every refusal."""
+    plan = _plan_out(out, current, resume, overwrite, argv)
+    plan.argv = list(argv)
+    return plan
+
+
+def _plan_out(out: Path, current: dict, resume: bool, overwrite: bool, argv: list[str]) -> OutPlan:
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass only one")
     if out.exists() and not out.is_dir():

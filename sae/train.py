@@ -358,12 +358,13 @@ class Trainer:
         try:
             state = torch.load(d / STATE, map_location="cpu", weights_only=False)
         except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for a damaged file
-            raise ValueError(f"{d / STATE}: cannot read the checkpoint ({e}); rerun with --overwrite to start over") from e
+            raise ValueError(f"{d / STATE}: cannot read the checkpoint ({e}); to start the run over: "
+                             f"{self.plan.command(['--overwrite'])}") from e
         saved = state["config"]
         for key in MUST_MATCH_ON_RESUME:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"--resume: {key}={getattr(self.cfg, key)!r} differs from the checkpoint's {saved[key]!r}; "
-                                 "pass the run's own value, or --overwrite to start over")
+                                 f"pass the run's own value, or start over: {self.plan.command(['--overwrite'])}")
         self.sae = load_sae(d, device=self.cfg.device)
         self.sae.source = str(self.out)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.resolved_lr(), eps=6.25e-10)

@@ -123,6 +123,12 @@ def _build_world(root: Path, teacher: Path) -> World:
 
     finished = root / "outs" / "finished"
     train_main(["--teacher", str(teacher), "--corpus", str(corpus), "--layer", "1", "--out", str(finished), *TRAIN])
+    # the same run, interrupted, with a checkpoint cut short (a copy that ran out of space, say)
+    damaged = root / "outs" / "damaged_checkpoint"
+    shutil.copytree(finished, damaged)
+    (damaged / "summary.json").unlink()
+    state = damaged / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
     return World(root, teacher, corpus, tokens, sae, finished)
 
 
@@ -186,6 +192,7 @@ CASES = [
     ("train-out-user-files", "sae.train", lambda w: train(w, out="user_files"), "notes.txt"),
     ("train-out-other-run", "sae.train", lambda w: train(w, "--k", "8", out="finished"), "k=4 there, 8 here"),
     ("train-resume-changed-k", "sae.train", lambda w: train(w, "--k", "8", "--resume", out="finished"), "--resume: k=8 differs"),
+    ("train-damaged-checkpoint", "sae.train", lambda w: train(w, out="damaged_checkpoint"), "cannot read the checkpoint"),
     ("train-resume-nothing", "sae.train", lambda w: train(w, "--resume", out="fresh_resume"), "--resume"),
     ("train-resume-and-overwrite", "sae.train", lambda w: train(w, "--resume", "--overwrite", out="finished"), "pass only one"),
     ("train-flag-not-a-number", "sae.train", lambda w: train(w, "--k", "four", out="kstr"), "--k"),
@@ -332,7 +339,7 @@ def _check(r: subprocess.CompletedProcess, cid: str, module: str, expected: str,
     assert f"{module}:" not in r.stderr.replace(f"python -m {module}:", ""), f"{cid}: work started (progress bar)"
     if module == "sae.train" and "/outs/" in argv[argv.index("--out") + 1]:
         out_dir = Path(argv[argv.index("--out") + 1])
-        if out_dir.name not in ("finished", "user_files", "other_sae"):
+        if out_dir.name not in ("finished", "user_files", "other_sae", "damaged_checkpoint"):
             assert not out_dir.exists(), f"{cid}: created {out_dir} although the input was refused"
 
 
