@@ -539,7 +539,11 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, teacher, plan = prepare(cfg, argv)
-    summary = Trainer(cfg, teacher=teacher, plan=plan).run()
+    if plan.action == "done":  # before loading the teacher: there is nothing to compute
+        print(f"{cfg.out} holds this finished run; nothing to do (--overwrite trains it again)", file=sys.stderr)
+        summary = plan.summary or {}
+    else:
+        summary = Trainer(cfg, teacher=teacher, plan=plan).run()
     print(json.dumps(summary, indent=2))
     return summary
 
