@@ -137,7 +137,7 @@ def check_bf16(runner, windows: np.ndarray, batch: int) -> dict[str, dict[str, f
 def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T: int, batch: int,
                       device: str) -> dict[int, float]:
     """tokens/s of the whole Ray pipeline with 1 and 2 actors on the same token shards."""
-    from pipeline.concepts import ExtractConfig, run
+    from pipeline.concepts import ExtractConfig, read_runs, run
     from pipeline.tokenize import TokenizeConfig
     from pipeline.tokenize import run as tokenize
 
@@ -150,9 +150,10 @@ def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T:
                                  seq_len=T, val_fraction=0.0, shard_mb=(T + 1) * 2 * max(1, windows // 4) / 1e6))
     out = {}
     for n in (1, 2):
-        m = run(ExtractConfig(tokens=str(tmp / "tokens"), teacher=teacher, sae=sae_dir, out=str(tmp / f"w{n}"),
-                              batch_size=batch, num_workers=n, device=device, ray_address="local"))
-        out[n] = m.stats["throughput"]["tokens_per_s"]
+        cfg = ExtractConfig(tokens=str(tmp / "tokens"), teacher=teacher, sae=sae_dir, out=str(tmp / f"w{n}"),
+                            batch_size=batch, num_workers=n, device=device, ray_address="local")
+        run(cfg)
+        out[n] = read_runs(cfg.concept_dir)[-1]["throughput"]["tokens_per_s"]  # timings live in the run log
     out["shards"] = len(tm.splits["train"].shards)
     return out
 

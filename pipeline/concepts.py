@@ -301,9 +301,12 @@ def command(cfg: ExtractConfig, **changes: Any) -> str:
     return shlex.join(words)
 
 
-def _free_manifest(cfg: ExtractConfig) -> Path:
-    """A manifest path next to ``--manifest`` whose name, and so concept directory, is unused."""
-    mp = cfg.manifest_path.absolute()
+def _free_manifest(cfg: ExtractConfig, start: Path | None = None) -> Path:
+    """``start`` (default: ``--manifest``) or a numbered name next to it whose manifest and concept
+    directory are both unused."""
+    mp = (start or cfg.manifest_path).absolute()
+    if start is not None and not mp.exists() and not (Path(cfg.out) / "concepts" / mp.stem).exists():
+        return mp
     for n in range(2, 10_000):
         cand = mp.with_name(f"{mp.stem}-{n}{mp.suffix or '.json'}")
         if not cand.exists() and not (Path(cfg.out) / "concepts" / cand.stem).exists():
@@ -343,13 +346,14 @@ def check_paths(cfg: ExtractConfig) -> None:
     if there.kind == "directory":
         raise ValueError(f"--manifest {mp} is a directory; pass a file name, e.g. --manifest {mp / 'concepts.json'}")
     if there.kind == "other":
-        raise ValueError(f"--manifest {mp} holds {there.what}, not a manifest of stage 2; it is left alone: pass another "
-                         f"--manifest: {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+        raise ValueError(f"--manifest {mp} holds {there.what}; stage 2 leaves it alone: pass another --manifest: "
+                         f"{command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
     if there.kind == "damaged" and not cfg.overwrite:
         raise ValueError(f"--manifest {mp} holds {there.what}; {_elsewhere(cfg)}; to replace it: {command(cfg, overwrite=True)}")
     if there.manifest is not None and there.manifest.kind != "concepts":
+        free = _free_manifest(cfg, Path(cfg.out) / "concepts.json")
         raise ValueError(f"--manifest {mp} holds {there.what} (stage-1 output, which stage 2 never replaces); pass "
-                         f"another --manifest: {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+                         f"another --manifest: {command(cfg, manifest=str(free), overwrite=False)}")
     foreign = _foreign(cdir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -606,12 +610,18 @@ def _check_space(p: Plan, todo: list[ShardJob]) -> None:
         return  # compressed size unknown in advance
     row = sum(f.nbytes for f in record_fields(p.token_manifest.seq_len, p.sae["n_latents"],
                                                cfg.runner_config("cpu")).values())
-    need = sum(j.windows * row + (1 << 16) for j in todo)  # + Arrow/Zarr metadata per shard
-    free = shutil.disk_usage(cfg.concept_dir).free
+    need = sum(j.windows * row + (1 << 13) for j in todo)  # + Arrow/Zarr metadata per shard
+    top = cfg.concept_dir.absolute()
+    while not top.exists():  # checked before anything is created
+        top = top.parent
+    free = shutil.disk_usage(top).free
     if need > free:
-        raise ValueError(f"--out: the {len(todo)} concept shard(s) still to write need about {need / 1e6:,.1f} MB, the disk "
-                         f"of {cfg.concept_dir.absolute()} has {free / 1e6:,.1f} MB free; free some space and rerun the "
-                         "same command, or pass another --out")
+        raise ValueError(f"--out: the {len(todo)} concept shard(s) still to write need about {_size(need)}, the disk of "
+                         f"{top} has {_size(free)} free; free some space and rerun the same command, or pass another --out")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 def _append_run_log(cfg: ExtractConfig, record: dict) -> None:
@@ -642,10 +652,11 @@ def run(cfg: ExtractConfig) -> Manifest:
     import ray
 
     p = plan(cfg)
-    _prepare_concept_dir(p)
     jobs = make_jobs(p)
     done = finished_shards(p, jobs)
     todo = [j for j in jobs if j.key not in done]
+    _check_space(p, todo)
+    _prepare_concept_dir(p)
     t0 = time.perf_counter()
     record: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -653,9 +664,10 @@ def run(cfg: ExtractConfig) -> Manifest:
         "shards": {"total": len(jobs), "verified": len(done), "to_do": len(todo)}, "per_shard": [],
     }
     try:
-        _check_space(p, todo)
-
-        def save() -> Manifest:  # intermediate: only whole shards, not complete; no run-dependent numbers
+        # Rewritten after every shard (intermediate: whole shards only, complete false, nothing run-dependent):
+        # O(shards^2) bytes over a run, small next to the shards up to thousands of them; the finished
+        # manifest is the same bytes whatever the interruption point.
+        def save() -> Manifest:
             return build_manifest(p, done, jobs, {"complete": False}).save(cfg.manifest_path)
 
         if todo:

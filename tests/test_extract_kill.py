@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.concepts import read_runs, run
+from pipeline import concepts
+from pipeline.concepts import run
 from shards import load_manifest
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [2])
 def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference):  # noqa: F811
     """The real thing: `python pipeline/extract.py` killed with SIGKILL (with its embedded Ray) once the
     manifest lists k shards; the same command again writes the bytes of an uninterrupted run, manifest
@@ -54,4 +55,4 @@ def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference): 
     assert all_bytes(cfg.concept_dir) == reference
     assert cfg.manifest_path.read_bytes() == (data / "ref" / "concepts.json").read_bytes()
     assert not [p for p in Path(cfg.out).rglob("*") if ".tmp" in p.name]
-    assert 0 < read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
+    assert 0 < concepts.read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
