@@ -44,8 +44,10 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def one_error(rc: int, err: str) -> str:
+    """Exit 2, and stderr ends with its only ``error:`` line (log lines may come before it)."""
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert rc == 2 and len(lines) == 1 and last == lines[0] and "Traceback" not in err, (rc, err)
     return lines[0]
 
 
@@ -334,14 +336,25 @@ def _mistakes(data, teacher, tmp: Path) -> dict[str, tuple[list[str], str]]:  # 
     }
 
 
-def test_user_mistakes_are_one_error_line(data, tiny_teacher_dir, reference, tmp_path, capsys):  # noqa: F811
-    failed = {}
-    for name, (argv, phrase) in _mistakes(data, tiny_teacher_dir, tmp_path).items():
-        rc, _, err = cli(argv, capsys)
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        if rc != 2 or len(lines) != 1 or "Traceback" in err or phrase not in lines[0]:
-            failed[name] = (rc, err[-300:])
-    assert not failed, failed
+MISTAKES = [
+    "missing sae path", "sae is a text file", "teacher dir without a model", "teacher path missing",
+    "tokens is a concept manifest", "tokens dir missing", "tokens is a user json", "tokens is a text file",
+    "tokens and corpus together", "neither tokens nor corpus", "batch size zero", "batch size negative",
+    "batch size not a number", "num workers negative", "k-attr zero", "k-mix above sae k", "layer out of range",
+    "unknown format", "unknown attribution", "cuda without gpus", "unknown flag", "missing teacher",
+    "val corpus without corpus", "corpus file missing", "seq len zero", "out is a file", "manifest is a user file",
+]
+
+
+def test_mistake_table_is_complete(data, tiny_teacher_dir, tmp_path):  # noqa: F811
+    assert sorted(_mistakes(data, tiny_teacher_dir, tmp_path)) == sorted(MISTAKES)
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_user_mistakes_are_one_error_line(name, data, tiny_teacher_dir, reference, tmp_path, capsys):  # noqa: F811
+    argv, phrase = _mistakes(data, tiny_teacher_dir, tmp_path)[name]
+    rc, _, err = cli(argv, capsys)
+    assert phrase in one_error(rc, err)
     assert not (tmp_path / "out").exists() and (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
