@@ -275,6 +275,9 @@ def inspect_path(path: str | os.PathLike) -> ExistingFile:
     if path.is_dir():
         return ExistingFile("directory", "a directory")
     try:
+        size = path.stat().st_size
+        if size > 1 << 30:  # a manifest of even 100k shards is tens of MB: do not read a user's big file
+            return ExistingFile("other", f"a {size:,}-byte file, too large for a manifest")
         raw = path.read_bytes()
     except OSError as e:
         return ExistingFile("other", f"a file that cannot be read ({e.strerror or e})")
