@@ -9,7 +9,8 @@ driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is
 logged in OUT/runs.jsonl. All runs must produce byte-identical shards; the script checks that too.
 
 ``--memory MB...``: for each size, one document of that many MB on a single line (words and spaces,
-no newline), stage 1 ``--in-process`` in a child process; prints the child's peak RSS (os.wait4).
+no newline), stage 1 ``--in-process`` in a child process; prints the child's peak RSS (its own
+VmHWM: os.wait4's maxrss would include the parent's pages when the child is spawned with vfork).
 ``--code DIR`` runs the stage 1 of another checkout (e.g. ``git worktree add /tmp/old 86129a6``) for a
 before / after comparison.
 """
@@ -46,6 +47,16 @@ def one_line_document(path: Path, mb: float) -> Path:
     return path
 
 
+# Runs stage 1 as `python -m` would (cwd first on sys.path: that checkout's pipeline package) and
+# reports the peak of the child's own address space.
+_PEAK = ("import runpy, sys\n"
+         "sys.argv = ['pipeline.tokenize', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('pipeline.tokenize', run_name='__main__', alter_sys=True)\n"
+         "finally:\n"
+         "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
+         "    print(f'PEAK_KB {hwm}', file=sys.stderr)\n")
+
+
 def memory(sizes: list[float], tokenizer: str, seq_len: int, code: Path) -> None:
     print(f"stage 1 --in-process of {code} on one-line documents, tokenizer {tokenizer}, seq_len {seq_len}")
     print(f"{'document':>10s} {'peak RSS MB':>12s} {'wall s':>8s}")
@@ -54,17 +65,15 @@ def memory(sizes: list[float], tokenizer: str, seq_len: int, code: Path) -> None
             corpus = one_line_document(Path(tmp) / f"line{mb}.txt", mb)
             t = time.perf_counter()
             # cwd first on sys.path: `python -m` imports that checkout's pipeline package.
-            p = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", "--in-process", "--corpus", str(corpus),
-                                  "--tokenizer", tokenizer, "--out", f"{tmp}/o{mb}", "--seq-len", str(seq_len),
-                                  "--val-fraction", "0"], cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(p.pid, 0)
-            err = p.stderr.read().decode(errors="replace")
-            p.stderr.close()
-            if os.waitstatus_to_exitcode(status) != 0:
-                print(f"{mb:>8g} MB failed: {err[-500:]}")
+            r = subprocess.run([sys.executable, "-c", _PEAK, "--in-process", "--corpus", str(corpus),
+                                "--tokenizer", tokenizer, "--out", f"{tmp}/o{mb}", "--seq-len", str(seq_len),
+                                "--val-fraction", "0"], cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+            peak = [ln for ln in r.stderr.splitlines() if ln.startswith("PEAK_KB ")]
+            if r.returncode != 0 or not peak:
+                print(f"{mb:>8g} MB failed: {r.stderr[-500:]}")
                 continue
-            print(f"{mb:>8g} MB {usage.ru_maxrss / 1024:12,.0f} {time.perf_counter() - t:8.1f}")
-
+            print(f"{mb:>8g} MB {int(peak[-1].split()[1]) / 1024:12,.0f} {time.perf_counter() - t:8.1f}")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -348,18 +348,26 @@ def test_memory_of_one_huge_line(tmp_path, tiny_tokenizer_dir, mb):
     assert m["corpus"]["documents"] == 1 and m["corpus"]["forced_cuts"] == 0
 
 
+# The child reports its own high-water mark (VmHWM of its post-exec address space). Not os.wait4's
+# ru_maxrss: a child spawned with vfork starts on the parent's pages, so its maxrss includes the
+# pytest process's RSS (674 MB reported for a 468 MB child late in the suite).
+_PEAK = ("import runpy, sys\n"
+         "sys.argv = ['pipeline.tokenize', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('pipeline.tokenize', run_name='__main__', alter_sys=True)\n"
+         "finally:\n"
+         "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
+         "    print(f'PEAK_KB {hwm}', file=sys.stderr)\n")
+
+
 def rss_of_stage1(tmp_path: Path, tok: Path, mb: int) -> tuple[float, subprocess.CompletedProcess]:
-    """Run stage 1 in a child and read that child's own peak RSS (os.wait4's rusage)."""
+    """Run stage 1 in a child and read that child's own peak RSS (its VmHWM at exit)."""
     corpus = one_line_document(tmp_path / f"line{mb}.txt", mb)
-    with open(tmp_path / "stdout", "w+") as so, open(tmp_path / "stderr", "w+") as se:
-        p = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", "--in-process", "--corpus", str(corpus),
-                              "--tokenizer", str(tok), "--out", str(tmp_path / f"o{mb}"), "--seq-len", str(T),
-                              "--val-fraction", "0"], cwd=ROOT, stdout=so, stderr=se)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        so.seek(0)
-        se.seek(0)
-        return usage.ru_maxrss / 1024, subprocess.CompletedProcess(p.args, p.returncode, so.read(), se.read())
+    r = subprocess.run([sys.executable, "-c", _PEAK, "--in-process", "--corpus", str(corpus),
+                        "--tokenizer", str(tok), "--out", str(tmp_path / f"o{mb}"), "--seq-len", str(T),
+                        "--val-fraction", "0"], cwd=ROOT, capture_output=True, text=True)
+    peak = [ln for ln in r.stderr.splitlines() if ln.startswith("PEAK_KB ")]
+    assert peak, r.stderr[-2000:]
+    return int(peak[-1].split()[1]) / 1024, r
 
 
 def test_corpus_fingerprint_does_not_depend_on_pieces(tmp_path, tiny_tokenizer_dir):
