@@ -137,9 +137,10 @@ def check_bf16(runner, windows: np.ndarray, batch: int) -> dict[str, dict[str, f
 def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T: int, batch: int,
                       device: str) -> dict[int, float]:
     """tokens/s of the whole Ray pipeline with 1 and 2 actors on the same token shards."""
-    from pipeline.concepts import ExtractConfig, read_runs, run
+    from pipeline.concepts import ExtractConfig, run
     from pipeline.tokenize import TokenizeConfig
     from pipeline.tokenize import run as tokenize
+    from shards.runlog import read_runs
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     text = corpus.read_text(encoding="utf-8")[: 8 * windows * (T + 1)] if corpus.is_file() else None

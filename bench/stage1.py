@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.raylib import init_ray  # noqa: E402
-from pipeline.tokenize import TokenizeConfig, read_runs, run  # noqa: E402
+from pipeline.tokenize import TokenizeConfig, run  # noqa: E402
+from shards.runlog import read_runs  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/owt-sample/owt_train.txt"
 

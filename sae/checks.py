@@ -8,47 +8,13 @@ manifests from their JSON, so a typo costs seconds, not a teacher load or a trai
 
 from __future__ import annotations
 
-import errno
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sae.hooks import hidden_size, n_layers
-
-# Disk-full family: the run can be continued once there is room (the last checkpoint is intact).
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (HF errors span several)."""
-    return " ".join(str(e).split())
-
-
-def describe_os_error(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename else ""
-    what = e.strerror or one_line(e)
-    if e.errno in _NO_SPACE:
-        return f"{where}{what}: free some space (or choose another output path) and rerun the same command"
-    return f"{where}{what}"
-
-
-def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-    """Run a command's ``main``; a ValueError (user mistake) or OSError (disk, permissions) becomes
-    ``error: ...`` on stderr and exit status 2, as in every other command of the project."""
-    try:
-        main(argv)
-    except ValueError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+from shards.cli import one_line
 
 
 # ---------------------------------------------------------------- the teacher, from its config

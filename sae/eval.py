@@ -40,12 +40,13 @@ from sae.checks import (
     check_window,
     check_writable_file,
     peek_teacher,
-    run_cli,
     shape_of_model,
 )
 from sae.data import iter_corpus_windows, iter_shard_windows, iter_windows
 from sae.hooks import HookSpec, capture_residual, check_sae_matches_model, resolve_layer
-from sae.io import atomic_write_bytes, load_sae
+from sae.io import load_sae
+from shards.atomic import write_atomic
+from shards.cli import Parser, run_cli
 
 
 @dataclass
@@ -247,7 +248,7 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sae.eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m sae.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--sae", required=True, help="SAE path (any supported format)")
     p.add_argument("--teacher", required=True, help="teacher alias, hub id, directory or .gguf")
     p.add_argument("--tokens", default=None, help="stage-1 token shard directory")
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate(cfg, sae, model)
     out = default_out(cfg)
     if out:
-        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+        write_atomic(out, json.dumps(result, indent=2).encode())
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
     return result
 

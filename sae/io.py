@@ -25,6 +25,7 @@ import torch
 
 from sae.hooks import HookSpec
 from sae.model import SparseAutoencoder
+from shards.atomic import write_atomic
 
 FORMATS = ("openai", "saelens", "sparsify", "cocomix")
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -157,29 +158,12 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | os.PathLike, model_name: str
         cfg["rescale_acts_by_decoder_norm"] = False
     cocomix = sae.config() | {"normalize": normalize, "norm_scale": 1.0}
     cfg["cocomix"] = cocomix | {"provenance": {k: v for k, v in sae.metadata.items() if _jsonable(v)}}
-    # Serialised in memory, then written by atomic_write_bytes: a full disk is a plain OSError naming
+    # Serialised in memory, then written by shards.atomic.write_atomic: a full disk is a plain OSError naming
     # the file (safetensors' own writer raises an opaque SafetensorError), and no half-written file
     # ever carries the final name.
-    atomic_write_bytes(out / SAELENS_WEIGHTS, safetensors_bytes(tensors))
-    atomic_write_bytes(out / CFG, (json.dumps(cfg, indent=2) + "\n").encode())
+    write_atomic(out / SAELENS_WEIGHTS, safetensors_bytes(tensors))
+    write_atomic(out / CFG, (json.dumps(cfg, indent=2) + "\n").encode())
     return out
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing: a temporary beside it (``.NAME.tmp``), fsync, rename.
-    A crash or a full disk leaves the old file (or none), never a truncated one; the temporary is
-    removed on error. OSError (with the path) on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

@@ -47,7 +47,7 @@ def written_by_us(name: str) -> bool:
     """Whether sae.train (or sae.eval's default output) writes this name directly in --out."""
     if name in FILES or name in DIRS:
         return True
-    # atomic_write_bytes' temporaries (.NAME.tmp), and the NAME.tmp of earlier versions of save_sae
+    # shards.atomic.write_atomic's temporaries (.NAME.tmp), and the NAME.tmp of earlier versions of save_sae
     return any(name in (f".{f}.tmp", f"{f}.tmp") for f in (*FILES, STATE))
 
 

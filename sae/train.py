@@ -49,7 +49,6 @@ from sae.checks import (
     check_tokens,
     check_window,
     peek_teacher,
-    run_cli,
     shape_of_model,
 )
 from sae.data import (
@@ -60,7 +59,7 @@ from sae.data import (
     teacher_activations,
 )
 from sae.hooks import LOCATIONS, HookSpec, check_sae_matches_model, hidden_size, resolve_layer
-from sae.io import atomic_write_bytes, save_sae
+from sae.io import save_sae
 from sae.model import SparseAutoencoder
 from sae.rundir import (
     CHECKPOINT,
@@ -75,7 +74,8 @@ from sae.rundir import (
     remove_ours,
     remove_tree_of_ours,
 )
-from shards.cli import add_dataclass_args, dataclass_from_args
+from shards.atomic import write_atomic
+from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 
 
 @dataclass
@@ -347,7 +347,7 @@ class Trainer:
             },
             state,
         )
-        atomic_write_bytes(tmp / STATE, state.getvalue())  # last: its presence marks tmp complete
+        write_atomic(tmp / STATE, state.getvalue())  # last: its presence marks tmp complete
 
     def _load_checkpoint(self) -> None:
         from sae.io import load_sae
@@ -381,7 +381,7 @@ class Trainer:
     def _write_record(self) -> None:
         """train_config.json, first of all (it marks --out as an sae.train run), and a run that is
         (again) under way has no summary.json: that file is written last and means finished."""
-        atomic_write_bytes(self.out / TRAIN_CONFIG, json.dumps(train_record(self.cfg), indent=2).encode())
+        write_atomic(self.out / TRAIN_CONFIG, json.dumps(train_record(self.cfg), indent=2).encode())
         (self.out / SUMMARY).unlink(missing_ok=True)
 
     def _truncate_metrics(self) -> None:
@@ -396,7 +396,7 @@ class Trainer:
                     kept.append(ln)
             except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
                 continue
-        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
+        write_atomic(path, "".join(ln + "\n" for ln in kept).encode())
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -491,7 +491,7 @@ class Trainer:
             "dead_fraction": float((self.since_fired >= cfg.resolved_dead_tokens()).float().mean()),
             "fingerprint": self.sae.fingerprint(),
         }
-        atomic_write_bytes(self.out / SUMMARY, json.dumps(summary, indent=2).encode())  # last: the run is finished
+        write_atomic(self.out / SUMMARY, json.dumps(summary, indent=2).encode())  # last: the run is finished
         return summary
 
 
@@ -526,7 +526,7 @@ def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Mo
 # ---------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     """Flags generated from TrainConfig: one per field, help = the field's docstring."""
-    p = argparse.ArgumentParser(prog="python -m sae.train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m sae.train", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, TrainConfig)
     return p
 

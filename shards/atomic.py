@@ -1,4 +1,5 @@
-"""Write to a temporary name next to the target, then rename into place."""
+"""Writes that a crash or a full disk can never leave half done: a temporary name beside the target,
+fsync, one rename (and an fsync of the directory, so the rename itself is durable)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,38 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file's data or a directory's entries (a rename is durable once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``path`` holds either its old bytes (or nothing) or ``data``, whatever instant the process dies
+    at. On failure the temporary is removed and the OSError names ``path`` (a write that fails for
+    want of space carries no file name of its own)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None or Path(e.filename) == tmp:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,12 @@
-"""argparse from a config dataclass: one flag per field, its docstring as the help text.
+"""The command-line contract every command shares: flags from a config dataclass, and one-line errors.
 
-Shared by every command (stage 1, stage 2, SAE training, the trainer) so their flags behave alike:
-``--field-name`` per field; ``X | None`` takes an X; ``list[X]`` takes one or more values;
-``Literal[...]`` gives choices; ``bool`` gives ``--flag`` / ``--no-flag``; a field without a default
-is required. Standard library only, like the rest of ``shards``.
+Flags: ``--field-name`` per field, its docstring as the help text; ``X | None`` takes an X;
+``list[X]`` takes one or more values; ``Literal[...]`` gives choices; ``bool`` gives ``--flag`` /
+``--no-flag``; a field without a default is required.
+
+Errors (README, "Safe to operate"): a user mistake, whether argparse's, a ``ValueError`` from a check
+or an ``OSError`` from a user's path (disk full, read-only), is one line ``error: ...`` on stderr and
+exit status 2; Ctrl-C is exit 130 with what was kept. Standard library only, like the rest of ``shards``.
 """
 
 from __future__ import annotations
@@ -11,10 +14,63 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
+import re
+import sys
 import textwrap
 import typing
-from typing import Any, Literal, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, Literal, NoReturn, get_args, get_origin
+
+# Disk-full family: the command can be rerun once there is room (whole outputs only were kept).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (unknown flag, bad value) are one ``error: ...`` line and exit 2,
+    like every other refusal, instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(e: BaseException | str) -> str:
+    """A message on one line: checks that list several problems ("  - item" lines) and libraries whose
+    errors span lines (transformers, torch) are joined with "; "."""
+    text = str(e) or type(e).__name__
+    lines = (re.sub(r"^\s*-\s+", "", line).strip() for line in text.splitlines())
+    return "; ".join(line for line in lines if line).replace(":; ", ": ")
+
+
+def describe_os_error(e: OSError) -> str:
+    """``FILE: what went wrong[: what to do]`` for an OSError on a user's path."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = ""
+    if e.errno in NO_SPACE:
+        hint = ": free some space (or choose another output place) and rerun the same command"
+    elif e.errno in _NO_WRITE:
+        hint = ": choose a place you can write"
+    return one_line(f"{where}{e.strerror or e}{hint}")
+
+
+def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
+            interrupted: str = "interrupted; rerun the same command to continue") -> int:
+    """Run a command's ``main`` under the error contract above; returns the exit status (``main``'s own
+    when it returns an int). A KeyboardInterrupt that carries a message (what was saved) prints it."""
+    try:
+        result = main(argv)
+    except ValueError as e:  # a check refused the input: its message says what to do
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a user's path: unreadable, not writable, disk full
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\n{one_line(e) if str(e) else interrupted}", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.concepts import ExtractConfig, main, read_runs, run
+from pipeline.concepts import ExtractConfig, main, run
 from pipeline.runner import RunnerConfig, TeacherRunner
 from pipeline.tokenize import TokenizeConfig
 from pipeline.tokenize import run as tokenize
 from sae import save_sae
 from shards import load_manifest, open_split
+from shards.runlog import read_runs
 from tests.conftest import owt_documents, write_corpus
 from tests.test_extract_runner import random_sae
 

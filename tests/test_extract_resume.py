@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.concepts import read_runs, run
+from pipeline.concepts import run
 from shards import load_manifest, open_split
+from shards.runlog import read_runs
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tokenize import TokenizeConfig, read_runs, run
+from pipeline.tokenize import TokenizeConfig, run
+from shards.runlog import read_runs
 from tests.conftest import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

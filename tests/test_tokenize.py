@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tokenize import TokenizeConfig, in_val, main, read_runs, run
+from pipeline.tokenize import TokenizeConfig, in_val, main, run
 from shards import load_manifest, open_split
+from shards.runlog import read_runs
 from tests.conftest import owt_documents, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from shards.atomic import fsync_path, write_atomic
 from trainer.config import ModelConfig
 from trainer.model import GPT
 
@@ -48,30 +49,6 @@ def _crash_point(name: str) -> None:
     in a subprocess with ``os._exit`` at each point in turn to prove every instant is recoverable."""
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file's data or a directory's entries (a rename is durable once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds either its old bytes or ``data``, whatever instant the process dies at."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
-
-
 def _oserror_in(e: BaseException) -> OSError | None:
     """The OSError behind an exception (torch and safetensors wrap EFBIG / ENOSPC in their own)."""
     seen = set()
@@ -88,7 +65,7 @@ def _write(path: Path, write: Callable[[Path], None]) -> None:
     ``ValueError`` naming the file."""
     try:
         write(path)
-        _fsync(path)
+        fsync_path(path)
     except (OSError, RuntimeError, ValueError) as e:  # SafetensorError is a plain Exception subclass
         raise CheckpointWriteError(path, e) from e
     except Exception as e:
@@ -178,16 +155,16 @@ def save(
         if barrier:
             barrier()
         if rank == 0:
-            _fsync(tmp)
+            fsync_path(tmp)
             pointed = _read_pointer(ckpt_dir)
             if final.exists() and pointed != name:  # a complete save of this step that died before its pointer
                 shutil.rmtree(final)
             if pointed != name:
                 os.replace(tmp, final)
-                _fsync(ckpt_dir)
+                fsync_path(ckpt_dir)
                 _crash_point("rename")
                 try:
-                    write_file_atomic(ckpt_dir / POINTER, (name + "\n").encode())
+                    write_atomic(ckpt_dir / POINTER, (name + "\n").encode())
                 except OSError as e:
                     raise CheckpointWriteError(ckpt_dir / POINTER, e) from e
                 _crash_point("pointer")

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from shards.cli import Parser, run_cli
 from trainer.checkpoint import load_model_from
 from trainer.model import GPT, KVCache
 
@@ -134,7 +135,7 @@ def load_tokenizer(info: dict[str, Any], override: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> Generation:
-    p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (OUT_DIR/ckpt of a run)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--steer", action="append", metavar="ID=SCALE", help="multiply concept ID's predicted logit by SCALE (paper: [-10, 10]); repeatable")
@@ -189,17 +190,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m trainer.generate``: 0, or 2 with one ``error:`` line naming the flag or file."""
-    from trainer.run import one_line
-
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, argv, interrupted="interrupted")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import argparse
 import json
 import sys
 
-from shards.cli import add_dataclass_args, dataclass_from_args
+from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from trainer.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m trainer.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_args(p, TrainConfig, required=("shards",))
@@ -42,29 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (validators list several problems on indented lines)."""
-    text = str(e) or type(e).__name__
-    if isinstance(e, OSError) and e.strerror and e.filename:
-        text = f"{e.filename}: {e.strerror}"
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def cli(argv: list[str] | None = None) -> int:
     """``python -m trainer.run``: exit 0 when trained (or already complete), 2 with one ``error:``
-    line for a user mistake (bad option, data, out-dir, full disk), 130 on Ctrl-C."""
-    try:
-        main(argv)
-    except ValueError as e:  # a bad manifest, shard, checkpoint, option or out-dir: the message says what to do
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path of the user's: unreadable, not writable, disk full
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # trainer.loop.Interrupted says what was saved
-        print(f"\n{one_line(e) if str(e) else 'interrupted before training started: nothing was written'}", file=sys.stderr)
-        return 130
-    return 0
+    line for a user mistake (bad option, data, out-dir, full disk), 130 on Ctrl-C (trainer.loop.Interrupted
+    says what was saved)."""
+    return run_cli(main, argv, interrupted="interrupted before training started: nothing was written")
 
 
 if __name__ == "__main__":

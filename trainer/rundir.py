@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shards.atomic import write_atomic
 from trainer import checkpoint
 
 RECORD = "config.json"
@@ -94,7 +95,7 @@ def inspect(out: Path) -> Existing | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    checkpoint.write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -121,4 +122,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     keep = [r for r in rows if r["step"] <= step]
     new = "".join(json.dumps(r) + "\n" for r in keep)
     if new != text:
-        checkpoint.write_file_atomic(path, new.encode())
+        write_atomic(path, new.encode())
