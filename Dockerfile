@@ -26,6 +26,6 @@ RUN mkdir -p pipeline trainer sae shards \
 COPY . .
 # Editable, so a cluster's `file_mounts` of a newer checkout over /opt/cocomix takes effect.
 RUN pip install --no-deps -e . \
-    && python -c "import torch, ray, ray.dashboard, aiohttp, pyarrow, zarr, transformers, shards, pipeline.tokenize; print('torch', torch.__version__, 'ray', ray.__version__)"
+    && python -c "import torch, ray, ray.dashboard, aiohttp, pyarrow, zarr, transformers, shards, pipeline.stage1; print('torch', torch.__version__, 'ray', ray.__version__)"
 
 CMD ["python", "-m", "pipeline.demo", "--help"]

@@ -29,7 +29,7 @@ lint: install
 bench: install
 	$(PY) bench/store.py
 	$(PY) bench/stage1.py
-	$(PY) bench/sae.py
+	$(PY) bench/sae_speed.py
 	$(PY) bench/extract.py
 	$(PY) bench/train.py
 

@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_path: str) -> dict | None:
     import sae.train
     from pipeline import concepts
-    from pipeline.tokenize import TokenizeConfig
-    from pipeline.tokenize import run as tokenize
+    from pipeline.stage1 import TokenizeConfig
+    from pipeline.stage1 import run as tokenize
 
     out.mkdir(parents=True, exist_ok=True)
     # Extraction outputs live in `ext`: this run's own directory, or the one named by cfg.extraction

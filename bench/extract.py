@@ -33,7 +33,7 @@ DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "owt-sample" / "owt_valid.txt
 def real_windows(teacher: str, corpus: Path, n: int, T: int, vocab: int) -> np.ndarray:
     """n windows of T+1 tokens of real text (random tokens when the corpus is absent)."""
     if corpus.is_file():
-        from pipeline.teacher import load_tokenizer
+        from common.teacher import load_tokenizer
 
         tok = load_tokenizer(teacher)
         text = corpus.read_text(encoding="utf-8")[: 8 * n * (T + 1)]
@@ -138,8 +138,8 @@ def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T:
                       device: str) -> dict[int, float]:
     """tokens/s of the whole Ray pipeline with 1 and 2 actors on the same token shards."""
     from pipeline.concepts import ExtractConfig, run
-    from pipeline.tokenize import TokenizeConfig
-    from pipeline.tokenize import run as tokenize
+    from pipeline.stage1 import TokenizeConfig
+    from pipeline.stage1 import run as tokenize
     from shards.runlog import read_runs
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
 
+    from common.teacher import load_teacher
     from pipeline.runner import RunnerConfig, TeacherRunner
-    from pipeline.teacher import load_teacher
     from sae import hidden_size, load_sae, save_sae
 
     model = load_teacher(a.teacher, device=a.device if a.device != "auto" else "cpu")

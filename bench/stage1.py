@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.raylib import init_ray  # noqa: E402
-from pipeline.tokenize import TokenizeConfig, run  # noqa: E402
+from pipeline.stage1 import TokenizeConfig, run  # noqa: E402
 from shards.runlog import read_runs  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/owt-sample/owt_train.txt"
@@ -51,8 +51,8 @@ def one_line_document(path: Path, mb: float) -> Path:
 # Runs stage 1 as `python -m` would (cwd first on sys.path: that checkout's pipeline package) and
 # reports the peak of the child's own address space.
 _PEAK = ("import runpy, sys\n"
-         "sys.argv = ['pipeline.tokenize', *sys.argv[1:]]\n"
-         "try:\n    runpy.run_module('pipeline.tokenize', run_name='__main__', alter_sys=True)\n"
+         "sys.argv = ['pipeline.stage1', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('pipeline.stage1', run_name='__main__', alter_sys=True)\n"
          "finally:\n"
          "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
          "    print(f'PEAK_KB {hwm}', file=sys.stderr)\n")

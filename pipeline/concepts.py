@@ -45,12 +45,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from pipeline.extract_worker import ExtractWorker, Progress, ShardJob, ShardResult
 from pipeline.runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from shards import Manifest, ShardPart, checksum, load_manifest, open_shard
 from shards.atomic import atomic_path
 from shards.checksum import disk_bytes
-from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from shards.manifest import inspect_path
 from shards.runlog import RUN_LOG, append_run, read_runs
 
@@ -167,7 +167,7 @@ def teacher_identity(name: str) -> dict[str, Any]:
     """Name, fingerprint, depth and width of a teacher, from its config and weight files only."""
     from transformers import AutoConfig
 
-    from pipeline.teacher import resolve_teacher
+    from common.teacher import resolve_teacher
 
     src = resolve_teacher(name)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
@@ -225,7 +225,7 @@ def check_inputs(cfg: ExtractConfig) -> tuple[dict, Any, int]:
 
 def check_tokens(m: Manifest, teacher: dict) -> None:
     """The token shards must be a stage-1 dataset made with this teacher's tokenizer."""
-    from pipeline.teacher import load_tokenizer, tokenizer_fingerprint
+    from common.teacher import load_tokenizer, tokenizer_fingerprint
 
     if m.kind != "tokens":
         src = next((sh.parts["tokens"].path.parent for s in m.splits.values() for sh in s.shards
@@ -439,8 +439,8 @@ def plan(cfg: ExtractConfig) -> Plan:
     }
     check_output(cfg, settings, ignore=("tokens",))  # before stage 1, which can be long
     if cfg.corpus:
-        from pipeline.tokenize import TokenizeConfig
-        from pipeline.tokenize import run as tokenize
+        from pipeline.stage1 import TokenizeConfig
+        from pipeline.stage1 import run as tokenize
 
         token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), val_corpus=cfg.val_corpus, tokenizer=cfg.teacher,
                                                  out=str(Path(cfg.out) / "tokens"), seq_len=cfg.seq_len,
@@ -776,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python pipeline/extract.py``: 0, 2 with one ``error:`` line (shards/cli.py), 130 on Ctrl-C."""
+    """``python pipeline/extract.py``: 0, 2 with one ``error:`` line (common/cli.py), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return run_cli(_main, argv, interrupted="interrupted: finished shards are in the manifest; run the same "
                                             "command again to resume")

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.cli import Parser, run_cli
+from common.cli import Parser, run_cli
 
 
 def step(n: int, total: int, what: str) -> float:
@@ -113,8 +113,8 @@ def run(a: argparse.Namespace) -> int:
     import trainer.run
     from pipeline import concepts
     from pipeline.demo_corpus import write_sotu_corpus
-    from pipeline.tokenize import TokenizeConfig
-    from pipeline.tokenize import run as tokenize
+    from pipeline.stage1 import TokenizeConfig
+    from pipeline.stage1 import run as tokenize
     from shards import load_manifest
     from trainer.generate import generate, load_model_from, load_tokenizer
 

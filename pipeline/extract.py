@@ -8,22 +8,28 @@ Runs the same three ways, with the same arguments (see ``--help``):
     python pipeline/extract.py ARGS
     python -m pipeline.extract ARGS
 
-``ray submit`` copies only this file to the head node (NOTES.md), so it stays a thin script over the
+``ray submit`` copies only this file to the head node (docs/operations.md), so it stays a thin script over the
 installed ``cocomix`` package (``pip install -e '.[cluster]'`` on every node; see pipeline/cluster.yaml,
 or pipeline/cluster-local.yaml without Docker). ``ray job submit --working-dir .`` runs it from Ray's copy
 of the checkout, where relative paths are refused (pipeline/raylib.py: check_job_paths).
 """
 
-import os
 import sys
 
-# `python pipeline/extract.py` puts pipeline/ first on sys.path, where our tokenize.py would shadow the
-# standard library's `tokenize`; the package is imported from its installed location instead.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+# The stage-2 API under its one name: `from pipeline.extract import ExtractConfig, run`. Imported on
+# first use, so that this file runs (and explains a missing package) where cocomix is not installed.
+_API = {"ExtractConfig": "ExtractConfig", "run": "run", "build_parser": "build_parser"}
 
 
-def main() -> int:
+def __getattr__(name: str):
+    if name in _API:
+        from pipeline import concepts
+
+        return getattr(concepts, _API[name])
+    raise AttributeError(f"module 'pipeline.extract' has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.concepts import main as extract_main
     except ImportError as e:
@@ -33,7 +39,7 @@ def main() -> int:
               "PATH (on a Ray cluster without Docker: pipeline/cluster-local.yaml activates it from ~/.bashrc; "
               "for `ray job submit`, start the head from that environment)", file=sys.stderr)
         return 2
-    return extract_main(sys.argv[1:])
+    return extract_main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

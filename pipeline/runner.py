@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.teacher import load_teacher
 from pipeline.attribution import VARIANTS, Variant, attribution_labels, top_positive
-from pipeline.teacher import load_teacher
 from sae import HookSpec, load_sae, n_layers, resolve_block
 from sae.hooks import capture_residual, resolve_layer
 from shards import FieldSpec, id_dtype

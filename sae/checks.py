@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import one_line
 from sae.hooks import hidden_size, n_layers
-from shards.cli import one_line
 
 
 # ---------------------------------------------------------------- the teacher, from its config
@@ -80,7 +80,7 @@ def peek_teacher(name: str) -> TeacherShape | None:
     cannot be read (offline and not cached)."""
     from transformers import AutoConfig
 
-    from pipeline.teacher import resolve_teacher
+    from common.teacher import resolve_teacher
 
     try:
         src = resolve_teacher(name)
@@ -143,7 +143,7 @@ def check_tokens(tokens: str, split: str) -> int:
     try:
         m = load_manifest(tokens)
     except ValueError as e:
-        raise ValueError(f"--tokens {tokens}: {one_line(e)}; pass a stage-1 output directory (pipeline/tokenize.py)") from e
+        raise ValueError(f"--tokens {tokens}: {one_line(e)}; pass a stage-1 output directory (pipeline/stage1.py)") from e
     if split not in m.splits:
         raise ValueError(f"--split {split!r}: {tokens} has no such split (it has {', '.join(sorted(m.splits))})")
     if "tokens" not in m.fields:

@@ -19,8 +19,8 @@ from sae.hooks import HookSpec, capture_residual, run_until_hook
 def iter_corpus_windows(paths: list[str], tokenizer, seq_len: int, eos_id: int) -> Iterator[np.ndarray]:
     """(seq_len,) int64 windows of documents tokenised with ``tokenizer``, EOS after each document,
     packed back to back (as stage 1 does). Plain text files separate documents by a line
-    ``<|endoftext|>``; other corpus kinds go through ``pipeline.corpus``."""
-    from pipeline.corpus import CorpusConfig, iter_documents
+    ``<|endoftext|>``; other corpus kinds go through ``common.corpus``."""
+    from common.corpus import CorpusConfig, iter_documents
 
     for p in paths:
         if not Path(p).exists() and not p.startswith("hf:"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.cli import Parser, run_cli
 from sae.checks import (
     check_corpus,
     check_device,
@@ -46,7 +47,6 @@ from sae.data import iter_corpus_windows, iter_shard_windows, iter_windows
 from sae.hooks import HookSpec, capture_residual, check_sae_matches_model, resolve_layer
 from sae.io import load_sae
 from shards.atomic import write_atomic
-from shards.cli import Parser, run_cli
 
 
 @dataclass
@@ -124,7 +124,7 @@ def default_out(cfg: EvalConfig) -> str | None:
 
 def prepare(cfg: EvalConfig):
     """Every check before the teacher runs; returns (cfg with the layer resolved, SAE, teacher or None)."""
-    from pipeline.teacher import load_teacher
+    from common.teacher import load_teacher
 
     check_device(cfg.device)
     out = default_out(cfg)
@@ -159,7 +159,7 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
     """The metrics of ``cfg.sae`` (or ``sae``) on ``cfg.teacher`` (or ``model``)."""
     from tqdm import tqdm
 
-    from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
+    from common.teacher import load_teacher, load_tokenizer, separator_token_id
 
     if sae is None:
         sae = load_sae(cfg.sae, device=cfg.device)

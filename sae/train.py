@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from sae.checks import (
     TeacherShape,
     check_corpus,
@@ -75,7 +76,6 @@ from sae.rundir import (
     remove_tree_of_ours,
 )
 from shards.atomic import write_atomic
-from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 
 
 @dataclass
@@ -264,7 +264,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, teacher: torch.nn.Module | None = None, plan: OutPlan | None = None) -> None:
         """``cfg``, ``teacher`` and ``plan`` as ``prepare`` returns them; without ``plan``, ``prepare``
         runs here (the command's checks, the layer resolved to its non-negative index)."""
-        from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
+        from common.teacher import load_teacher, load_tokenizer, separator_token_id
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -504,7 +504,7 @@ def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Mo
     """Every check before heavy work: inputs, teacher shape, layer, --out. Returns the config with the
     layer resolved to its non-negative index, the teacher if it had to be loaded to learn its shape
     (GGUF), and what to do with --out."""
-    from pipeline.teacher import load_teacher
+    from common.teacher import load_teacher
 
     check_device(cfg.device)
     if cfg.tokens:

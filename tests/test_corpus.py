@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.corpus import CorpusConfig, CorpusStats, iter_documents, iter_pieces
+from common.corpus import CorpusConfig, CorpusStats, iter_documents, iter_pieces
 from tests.conftest import owt_documents, write_corpus
 
 
@@ -149,7 +149,7 @@ def test_no_safe_cut_point_is_cut_anyway_and_counted(tmp_path):
 def test_pieces_keep_the_ids_of_a_tokenizer_that_merges_newlines(tmp_path):
     """SmolLM2's BPE merges "\\n\\n" when it ends the text, not before a word: a cut after a blank line
     changed the ids (the reader cut before any line starting with a non-space)."""
-    from pipeline.teacher import load_tokenizer
+    from common.teacher import load_tokenizer
 
     try:
         tok = load_tokenizer("smollm2-135m")

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.concepts import ExtractConfig, main, run
 from pipeline.runner import RunnerConfig, TeacherRunner
-from pipeline.tokenize import TokenizeConfig
-from pipeline.tokenize import run as tokenize
+from pipeline.stage1 import TokenizeConfig
+from pipeline.stage1 import run as tokenize
 from sae import save_sae
 from shards import load_manifest, open_split
 from shards.runlog import read_runs

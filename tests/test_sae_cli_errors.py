@@ -32,7 +32,7 @@ TRAIN = ["--n-latents", "64", "--k", "4", "--seq-len", "32", "--batch-size", "12
 
 def make_token_dir(root: Path, teacher: Path, seq_len: int = 32, n: int = 24) -> Path:
     """A stage-1 token dataset (manifest + one Arrow shard) of the tiny tokenizer, train split only."""
-    from pipeline.teacher import load_tokenizer, separator_token_id
+    from common.teacher import load_tokenizer, separator_token_id
     from sae.data import iter_corpus_windows
     from shards import FieldSpec, Manifest, write_shard
 

@@ -60,10 +60,10 @@ def test_eval_layer_minus_one_equals_layer_one(trained, tmp_path):
 
 
 def test_help_says_what_negative_layers_mean():
+    from common.cli import field_docs
     from pipeline.concepts import ExtractConfig
     from sae.eval import build_parser as eval_parser
     from sae.train import build_parser as train_parser
-    from shards.cli import field_docs
 
     for text in (train_parser().format_help(), eval_parser().format_help(), field_docs(ExtractConfig)["layer"]):
         flat = " ".join(text.split())
@@ -82,7 +82,7 @@ def test_resolve_layer():
 
 
 def test_train_refuses_layer_out_of_range_before_loading_the_teacher(trained, tmp_path, monkeypatch):
-    import pipeline.teacher
+    import common.teacher
     from sae.train import main
 
     teacher, corpus, _, _, _ = trained
@@ -90,7 +90,7 @@ def test_train_refuses_layer_out_of_range_before_loading_the_teacher(trained, tm
     def no_load(*a, **k):
         raise AssertionError("the teacher was loaded before --layer was checked")
 
-    monkeypatch.setattr(pipeline.teacher, "load_teacher", no_load)
+    monkeypatch.setattr(common.teacher, "load_teacher", no_load)
     for layer in ("2", "-3"):
         with pytest.raises(ValueError, match=f"--layer {layer} is out of range"):
             main(["--teacher", str(teacher), "--corpus", str(corpus), *SMALL, "--layer", layer, "--out", str(tmp_path / layer)])

@@ -105,7 +105,7 @@ def test_edit_replaces_the_tensor_and_gradients_flow_to_it():
 
 # ------------------------------------------------------------------------ training
 def _held_out_fvu(sae_dir: Path, teacher: Path, tmp_path: Path) -> float:
-    from pipeline.teacher import load_teacher, load_tokenizer, separator_token_id
+    from common.teacher import load_teacher, load_tokenizer, separator_token_id
     from sae.data import iter_corpus_windows, teacher_activations
 
     corpus = write_corpus(tmp_path / "held_out.txt", n_docs=10, seed=1)  # documents not trained on
@@ -203,7 +203,7 @@ def test_eval_refuses_width_mismatch(tiny, tmp_path):
 def test_smollm2_hook_equals_hidden_states_and_stops_early():
     """The real offline teacher (Llama architecture, 30 blocks): block 9's output is hidden_states[10],
     and the early-stopped forward returns the same tensor."""
-    from pipeline.teacher import load_teacher, resolve_teacher
+    from common.teacher import load_teacher, resolve_teacher
 
     try:
         resolve_teacher("smollm2-135m")
@@ -224,7 +224,7 @@ def test_tokens_dir_from_stage1_shards(tiny, tmp_path):
     """--tokens reads stage-1 windows (T + 1 tokens) through the shards API and trains on their first T."""
     import numpy as np
 
-    from pipeline.teacher import load_tokenizer, separator_token_id
+    from common.teacher import load_tokenizer, separator_token_id
     from sae.data import iter_corpus_windows, iter_shard_windows
     from sae.eval import main as eval_main
     from sae.train import main

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tokenize import TokenizeConfig, run
+from pipeline.stage1 import TokenizeConfig, run
 from shards.runlog import read_runs
 from tests.conftest import owt_documents, write_corpus
 
@@ -34,7 +34,7 @@ def cfg(tmp_path: Path, tok: Path, out: str = "out", **kw) -> TokenizeConfig:
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     # PYTHONPATH: this checkout's code even when the command runs elsewhere (cwd).
-    return subprocess.run([sys.executable, "-m", "pipeline.tokenize", *args], cwd=popen.pop("cwd", ROOT), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.stage1", *args], cwd=popen.pop("cwd", ROOT), capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
                                                            **(env or {})}, **popen)
 
@@ -68,7 +68,7 @@ def test_overwrite_removes_only_what_stage1_wrote(tmp_path, tiny_tokenizer_dir):
         run(cfg(tmp_path, tiny_tokenizer_dir, shard_mb=0.02, seed=3))
     msg = str(e.value)
     assert "different dataset" in msg and "seed: 0 there, 3 now" in msg and "windows_per_shard" in msg
-    assert f"run: python -m pipeline.tokenize --corpus {tmp_path / 'corpus.txt'}" in msg and "--seed 3 " in msg
+    assert f"run: python -m pipeline.stage1 --corpus {tmp_path / 'corpus.txt'}" in msg and "--seed 3 " in msg
     assert "--in-process --overwrite ; to keep it, pass another --out" in msg
 
     m = run(cfg(tmp_path, tiny_tokenizer_dir, shard_mb=0.02, seed=3, overwrite=True))
@@ -169,7 +169,7 @@ def test_kill9_then_rerun_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir):
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "out"
     full = ["--out", str(out), "--manifest", str(tmp_path / "m" / "out.json")]
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", *args, *full], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.stage1", *args, *full], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (out / "train-00002.arrow").exists() and p.poll() is None and time.monotonic() < deadline:
@@ -229,7 +229,7 @@ def test_bad_flags_and_paths_one_error_line(tmp_path, tiny_tokenizer_dir):
     procs = {}
     results = {}
     for name, (argv, _) in cases.items():
-        procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize", *argv], cwd=ROOT, text=True,
+        procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.stage1", *argv], cwd=ROOT, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if len(procs) - len(results) >= 2:
             for n, p in procs.items():
@@ -353,8 +353,8 @@ def test_memory_of_one_huge_line(tmp_path, tiny_tokenizer_dir, mb):
 # ru_maxrss: a child spawned with vfork starts on the parent's pages, so its maxrss includes the
 # pytest process's RSS (674 MB reported for a 468 MB child late in the suite).
 _PEAK = ("import runpy, sys\n"
-         "sys.argv = ['pipeline.tokenize', *sys.argv[1:]]\n"
-         "try:\n    runpy.run_module('pipeline.tokenize', run_name='__main__', alter_sys=True)\n"
+         "sys.argv = ['pipeline.stage1', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('pipeline.stage1', run_name='__main__', alter_sys=True)\n"
          "finally:\n"
          "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
          "    print(f'PEAK_KB {hwm}', file=sys.stderr)\n")

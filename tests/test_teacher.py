@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.teacher import (
+from common.teacher import (
     load_tokenizer,
     resolve_teacher,
     separator_token_id,

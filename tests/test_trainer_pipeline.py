@@ -17,8 +17,8 @@ T = 16
 @pytest.fixture(scope="module")
 def concepts(tmp_path_factory, tiny_teacher_dir):
     from pipeline.concepts import ExtractConfig, run
-    from pipeline.tokenize import TokenizeConfig
-    from pipeline.tokenize import run as tokenize
+    from pipeline.stage1 import TokenizeConfig
+    from pipeline.stage1 import run as tokenize
     from sae import save_sae
     from tests.test_extract_runner import random_sae
 

@@ -1,6 +1,6 @@
 """Configs of the student model and of a training run, and the named presets.
 
-Every field has a docstring under it: :mod:`shards.cli` turns them into ``--help``.
+Every field has a docstring under it: :mod:`common.cli` turns them into ``--help``.
 Sizes follow COCOMIX.md section 4 (Tack et al., arXiv 2502.08524, Table 7 / Appendix B).
 """
 

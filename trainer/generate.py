@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from shards.cli import Parser, run_cli
+from common.cli import Parser, run_cli
 from trainer.checkpoint import load_model_from
 from trainer.model import GPT, KVCache
 
@@ -113,8 +113,8 @@ def load_tokenizer(info: dict[str, Any], override: str | None = None):
     """The tokenizer the training data was made with, and only that (no model weights)."""
     from transformers import AutoTokenizer
 
-    # Lazy: pipeline.teacher has no heavy imports, but training never needs it.
-    from pipeline.teacher import resolve_teacher, tokenizer_fingerprint
+    # Lazy: common.teacher has no heavy imports, but training never needs it.
+    from common.teacher import resolve_teacher, tokenizer_fingerprint
 
     name = override or info.get("name")
     if not name or name == "synthetic":

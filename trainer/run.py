@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
+from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from trainer.config import TrainConfig
 
 

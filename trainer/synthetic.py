@@ -154,7 +154,7 @@ def write_word_tokenizer(out: str | Path, vocab: int) -> dict[str, Any]:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.teacher import tokenizer_fingerprint
+    from common.teacher import tokenizer_fingerprint
 
     words = {f"w{i}": i for i in range(vocab)}
     words["w0"] = 0  # also the unknown word and EOS

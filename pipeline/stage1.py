@@ -1,6 +1,6 @@
 """Stage 1: corpus -> token windows of ``seq_len + 1`` in Arrow / Zarr shards, plus a manifest.
 
-    python -m pipeline.tokenize --corpus owt_train.txt --tokenizer smollm2-135m --seq-len 512 --out OUT
+    python -m pipeline.stage1 --corpus owt_train.txt --tokenizer smollm2-135m --seq-len 512 --out OUT
 
 Documents stream from the corpus readers in a fixed order; Ray actors tokenize batches of them (the
 tokenizer is built once per actor); the driver gets the results back in order, appends an EOS after
@@ -45,15 +45,14 @@ from typing import Literal
 
 import numpy as np
 
+from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
+from common.corpus import CorpusConfig, CorpusStats, Piece, iter_pieces
 from shards import FieldSpec, Manifest, Split, token_dtype, verify_part, write_shard
 from shards.atomic import atomic_path
-from shards.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from shards.manifest import ExistingFile, inspect_path
 from shards.runlog import RUN_LOG, append_run
 
-from .corpus import CorpusConfig, CorpusStats, Piece, iter_pieces
-
-log = logging.getLogger("pipeline.tokenize")
+log = logging.getLogger("pipeline.stage1")
 SETTINGS_FILE = ".stage1-settings.json"  # the settings of an unfinished run (removed once manifest.json is in)
 # The only names stage 1 writes in --out: shards, manifest.json, SETTINGS_FILE, RUN_LOG and the
 # temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
@@ -344,7 +343,7 @@ def _is_run_log(path: Path) -> bool:
             first = json.loads(f.readline())
     except (OSError, ValueError):
         return False
-    return isinstance(first, dict) and first.get("command") == "pipeline.tokenize"
+    return isinstance(first, dict) and first.get("command") == "pipeline.stage1"
 
 
 def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
@@ -394,7 +393,7 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
 
 def command_line(cfg: TokenizeConfig) -> str:
     """The shell command that runs ``cfg`` (flags that differ from the defaults), for messages."""
-    parts = ["python", "-m", "pipeline.tokenize"]
+    parts = ["python", "-m", "pipeline.stage1"]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if f.default is not dataclasses.MISSING and v == f.default:
@@ -561,14 +560,19 @@ def run(cfg: TokenizeConfig) -> Manifest:
     """Tokenize the corpus into shards; returns the saved manifest (reused if already complete)."""
     from tqdm import tqdm
 
-    from .raylib import check_job_paths, cpus_per_actor, init_ray, ordered_map
-    from .teacher import load_tokenizer, resolve_teacher, separator_token_id, tokenizer_fingerprint
+    from common.teacher import (
+        load_tokenizer,
+        resolve_teacher,
+        separator_token_id,
+        tokenizer_fingerprint,
+    )
+    from pipeline.raylib import check_job_paths, cpus_per_actor, init_ray, ordered_map
 
     # Inside `ray job submit`, a relative path would land in Ray's temporary copy of --working-dir.
     check_job_paths({"--out": cfg.out, "--manifest": cfg.manifest, "--corpus": cfg.corpus, "--val-corpus": cfg.val_corpus})
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     corpus_cfg = cfg.corpus_config()
-    from .corpus import check_sources
+    from common.corpus import check_sources
 
     # Everything that needs no tokenizer is checked first: paths, corpus files, --out, --manifest.
     check_sources(corpus_cfg)
@@ -606,7 +610,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
             _remove_stray_temporaries(Path(cfg.manifest).absolute())
             _save(done, Path(cfg.manifest), "--manifest")
             done.path = (out / "manifest.json").absolute()
-        append_run(out, {"command": "pipeline.tokenize", "outcome": "reused", "started": started,
+        append_run(out, {"command": "pipeline.stage1", "outcome": "reused", "started": started,
                               "wall_s": round(time.perf_counter() - t_start, 2), "manifest": str(done.path),
                               "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
         return done
@@ -696,7 +700,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
         _save(manifest, Path(cfg.manifest), "--manifest")
     _save(manifest, out / "manifest.json", "--out")
     (out / SETTINGS_FILE).unlink(missing_ok=True)
-    append_run(out, {"command": "pipeline.tokenize", "outcome": "wrote", "started": started,
+    append_run(out, {"command": "pipeline.stage1", "outcome": "wrote", "started": started,
                           "wall_s": round(elapsed, 2), "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                           "num_workers": n_workers, "ray": mode, "manifest": str(manifest.path),
                           "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
@@ -704,7 +708,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m pipeline.tokenize", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m pipeline.stage1", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, TokenizeConfig)
     return p
 
@@ -714,7 +718,7 @@ def config_from_args(argv: list[str] | None = None) -> TokenizeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.tokenize``: 0, 2 with one ``error:`` line (shards/cli.py), 130 on Ctrl-C."""
+    """``python -m pipeline.stage1``: 0, 2 with one ``error:`` line (common/cli.py), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return run_cli(_main, argv, interrupted="interrupted: nothing was kept that a rerun would trust; run the "
                                             "same command again")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tokenize import TokenizeConfig, in_val, main, run
+from pipeline.stage1 import TokenizeConfig, in_val, main, run
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
 from tests.conftest import owt_documents, write_corpus
@@ -156,14 +156,14 @@ def test_owt_train_with_smollm2(tmp_path):
     """The issue's acceptance run: the whole OWT train sample with the real SmolLM2 tokenizer."""
     from pathlib import Path
 
-    from pipeline.teacher import load_tokenizer
+    from common.teacher import load_tokenizer
 
     corpus = Path(__file__).resolve().parents[2] / "shared/data/owt-sample/owt_train.txt"
     if not corpus.exists():
         pytest.skip("OWT sample not present")
     m = run(TokenizeConfig(corpus=[str(corpus)], tokenizer="smollm2-135m", out=str(tmp_path / "o"), seq_len=512))
     tok = load_tokenizer("smollm2-135m")
-    from pipeline.corpus import CorpusConfig, iter_documents
+    from common.corpus import CorpusConfig, iter_documents
 
     total = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in iter_documents(CorpusConfig([str(corpus)])))
     assert sum(s.extra["stream_tokens"] for s in m.splits.values()) == total

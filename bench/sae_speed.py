@@ -1,8 +1,8 @@
 """SAE benchmark: sparse top-k encode + decode vs the dense path, and SAE training tokens/s.
 
-    python bench/sae.py                      # CPU, both shapes of the issue
-    python bench/sae.py --device cuda        # on a GPU
-    python bench/sae.py --teacher smollm2-135m --layer 9   # also: teacher activations to the hook
+    python bench/sae_speed.py                      # CPU, both shapes of the issue
+    python bench/sae_speed.py --device cuda        # on a GPU
+    python bench/sae_speed.py --teacher smollm2-135m --layer 9   # also: teacher activations to the hook
 
 Paths compared (same SAE, same inputs, outputs checked equal before timing):
 - dense:  c = encode(x) (N, C) dense code, then x_hat = decode(c) = c @ W_dec (N, C) x (C, D)
@@ -123,7 +123,7 @@ def bench_train(d: int, n: int, k: int, batch: int, device: str, repeats: int) -
 def bench_teacher(teacher: str, layer: int, device: str, repeats: int, seq_len: int = 512, batch: int = 4) -> dict:
     import numpy as np
 
-    from pipeline.teacher import load_teacher
+    from common.teacher import load_teacher
     from sae.data import teacher_activations
     from sae.hooks import HookSpec, capture_residual
 
