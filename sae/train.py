@@ -531,19 +531,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """The command; ValueError / OSError for user mistakes (``cli`` prints them as ``error: ...``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    cfg = dataclass_from_args(TrainConfig, args)
+def config_argv(cfg: TrainConfig) -> list[str]:
+    """The flags that give ``cfg`` (those that differ from the defaults): the command line a refusal
+    quotes when the run was started from Python (recipes/) rather than from a shell."""
+    words: list[str] = []
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    """Train the SAE ``cfg`` describes, or report the finished run in ``cfg.out``; returns the summary.
+    ``argv``: the command line refusals quote (default: ``config_argv(cfg)``). The programmatic entry
+    (recipes/ call it); ValueError / OSError for user mistakes."""
+    argv = config_argv(cfg) if argv is None else argv
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, teacher, plan = prepare(cfg, argv)
     if plan.action == "done":  # before loading the teacher: there is nothing to compute
         print(f"{cfg.out} holds this finished run; nothing to do (--overwrite trains it again)", file=sys.stderr)
-        summary = plan.summary or {}
-    else:
-        summary = Trainer(cfg, teacher=teacher, plan=plan).run()
+        return plan.summary or {}
+    return Trainer(cfg, teacher=teacher, plan=plan).run()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command; ValueError / OSError for user mistakes (``cli`` prints them as ``error: ...``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    summary = train(dataclass_from_args(TrainConfig, build_parser().parse_args(argv)), argv)
     print(json.dumps(summary, indent=2))
     return summary
 
