@@ -28,4 +28,4 @@ COPY . .
 RUN pip install --no-deps -e . \
     && python -c "import torch, ray, ray.dashboard, aiohttp, pyarrow, zarr, transformers, shards, pipeline.stage1; print('torch', torch.__version__, 'ray', ray.__version__)"
 
-CMD ["python", "-m", "pipeline.demo", "--help"]
+CMD ["python", "-m", "recipes.demo", "--help"]

@@ -1,4 +1,4 @@
-"""The demo pipeline end to end with tiny settings: tiny random teacher, tiny SAE, a few hundred windows."""
+"""recipes/demo.py (`make demo`) end to end with tiny settings: tiny random teacher, tiny SAE, a few hundred windows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.demo import main
+from recipes.demo import main
 from tests.conftest import owt_documents, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
@@ -39,3 +39,9 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, tiny_teacher_dir, capsys):
     other = write_corpus(tmp_path / "other.txt", owt_documents(3))
     assert main(args[:4] + ["--corpus", str(other)] + args[6:]) == 2
     assert "make demo RUN=runs/other" in capsys.readouterr().err
+    # So is another SAE size: the finished SAE is never silently reused for other settings.
+    i = args.index("--sae-latents")
+    assert main(args[: i + 1] + ["128"] + args[i + 2 :]) == 2
+    err = capsys.readouterr().err
+    assert "SAE with other settings" in err and "make demo RUN=runs/other" in err
+    assert (run / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == sae_mtime

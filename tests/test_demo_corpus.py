@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from pipeline import demo_corpus as dc
+from recipes import demo_corpus as dc
 
 
 def fake_wheel(path, speeches: dict[str, str]):

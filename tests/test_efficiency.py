@@ -1,23 +1,19 @@
-"""bench/efficiency.py: the comparisons against hand-computed curves, every committed config, and the
+"""recipes/efficiency.py: the comparisons against hand-computed curves, every committed config, and the
 whole experiment end to end with a tiny random teacher."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from recipes import compare as cmp
+from recipes import efficiency as eff
 from tests.conftest import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
-eff = importlib.util.module_from_spec(_spec)
-sys.modules["bench_efficiency"] = eff  # dataclasses look their module up there
-_spec.loader.exec_module(eff)
 
 
 def curve(points):
@@ -26,20 +22,20 @@ def curve(points):
 
 def test_tokens_to_reach_interpolates_and_says_never():
     c = curve([(100, 1000, 6.0), (200, 2000, 5.0), (300, 3000, 4.5)])
-    assert eff.x_to_reach(c, 5.5, "tokens") == pytest.approx(150.0)
-    assert eff.x_to_reach(c, 5.5, "flops") == pytest.approx(1500.0)
-    assert eff.x_to_reach(c, 6.5, "tokens") == 100.0  # already there at the first evaluation
-    assert eff.x_to_reach(c, 4.0, "tokens") is None
+    assert cmp.x_to_reach(c, 5.5, "tokens") == pytest.approx(150.0)
+    assert cmp.x_to_reach(c, 5.5, "flops") == pytest.approx(1500.0)
+    assert cmp.x_to_reach(c, 6.5, "tokens") == 100.0  # already there at the first evaluation
+    assert cmp.x_to_reach(c, 4.0, "tokens") is None
     # A non-monotone curve: the first crossing counts.
     bumpy = curve([(100, 1, 6.0), (200, 2, 4.0), (300, 3, 5.0), (400, 4, 3.0)])
-    assert eff.x_to_reach(bumpy, 4.5, "tokens") == pytest.approx(175.0)
+    assert cmp.x_to_reach(bumpy, 4.5, "tokens") == pytest.approx(175.0)
 
 
 def test_compare_at_equal_tokens_and_equal_flops():
     ntp = curve([(100, 1000, 6.0), (200, 2000, 5.0), (300, 3000, 4.6)])
     # CoCoMix costs 1.5x the FLOPs per token and learns faster per token.
     coco = curve([(100, 1500, 5.5), (200, 3000, 4.6), (300, 4500, 4.2)])
-    c = eff.compare(ntp, coco)
+    c = cmp.compare(ntp, coco)
     assert c["tokens_to_reach_base_final"] == pytest.approx(200.0)
     assert c["tokens_saved_fraction"] == pytest.approx(1 / 3)
     assert c["flops_to_reach_base_final"] == pytest.approx(3000.0)
@@ -47,24 +43,24 @@ def test_compare_at_equal_tokens_and_equal_flops():
     # Equal FLOPs = NTP's whole budget (3000): NTP 4.6 vs CoCoMix at its 200-token point, 4.6.
     assert c["equal_flops"] == {"flops": 3000, "base_val_loss": pytest.approx(4.6), "val_loss": pytest.approx(4.6)}
     assert c["base_tokens_to_reach_final"] is None  # NTP never gets to CoCoMix's 4.2
-    worse = eff.compare(ntp, curve([(100, 1000, 6.5), (200, 2000, 5.5), (300, 3000, 4.9)]))
+    worse = cmp.compare(ntp, curve([(100, 1000, 6.5), (200, 2000, 5.5), (300, 3000, 4.9)]))
     assert worse["tokens_to_reach_base_final"] is None and worse["tokens_saved_fraction"] is None
     # ...but NTP reaches the slower student's final 4.9 a quarter of the way from 200 to 300 tokens.
     assert worse["base_tokens_to_reach_final"] == pytest.approx(225.0)
     assert worse["base_flops_to_reach_final"] == pytest.approx(2250.0)
-    assert eff.loss_at(ntp, 2500, "flops") == pytest.approx(4.8)
-    assert eff.loss_at(ntp, 5000, "flops") is None
+    assert cmp.loss_at(ntp, 2500, "flops") == pytest.approx(4.8)
+    assert cmp.loss_at(ntp, 5000, "flops") is None
 
 
 def test_mean_curve_over_seeds():
     a = curve([(100, 1, 6.0), (200, 2, 5.0)])
     b = curve([(100, 1, 5.0), (200, 2, 4.0), (300, 3, 3.0)])
-    m = eff.mean_curve([a, b])
+    m = cmp.mean_curve([a, b])
     assert [p["val_loss"] for p in m] == [5.5, 4.5] and [p["tokens"] for p in m] == [100, 200]
     assert m[0]["val_loss_std"] == pytest.approx(0.7071, abs=1e-4)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "bench" / "configs").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.json")), ids=lambda p: p.name)
 def test_committed_configs_load(path):
     cfg = eff.EfficiencyConfig.load(path)
     assert "ntp" in cfg.modes and cfg.seeds and cfg.description
@@ -86,8 +82,8 @@ def test_bad_configs_are_refused(tmp_path):
 
 
 def test_a_config_extends_another():
-    base = eff.EfficiencyConfig.load(ROOT / "bench" / "configs" / "cpu.json")
-    longer = eff.EfficiencyConfig.load(ROOT / "bench" / "configs" / "cpu-long.json")
+    base = eff.EfficiencyConfig.load(ROOT / "recipes" / "configs" / "cpu.json")
+    longer = eff.EfficiencyConfig.load(ROOT / "recipes" / "configs" / "cpu-long.json")
     changed = {k for k, v in asdict(longer).items() if v != asdict(base)[k]}
     assert changed == {"name", "description", "extraction", "max_tokens", "eval_every"}
     assert longer.max_tokens == 983_040 and longer.extraction == "../cocomix-runs/efficiency-cpu"

