@@ -121,7 +121,7 @@ def load_teacher(name: str | TeacherSource, device: str = "cpu", dtype: str = "f
     """Load a causal LM teacher in eval mode with gradients off for every parameter.
 
     Parameters never need gradients here: extraction and SAE training only differentiate with
-    respect to activations (COCOMIX.md section 6).
+    respect to activations (docs/method.md 1.3).
     """
     import torch
     from transformers import AutoModelForCausalLM

@@ -1,5 +1,6 @@
 """Sparse autoencoders: one model for every public format, loaders, a TopK trainer, metrics."""
 
+from sae.formats import FORMATS, detect_format, load_sae, save_sae
 from sae.hooks import (
     HookSpec,
     capture_residual,
@@ -8,7 +9,6 @@ from sae.hooks import (
     resolve_block,
     run_until_hook,
 )
-from sae.io import FORMATS, detect_format, load_sae, save_sae
 from sae.model import NormStats, SAEOutput, SparseAutoencoder, fraction_of_variance_unexplained
 
 __all__ = [

@@ -12,9 +12,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli import one_line
 from sae.hooks import hidden_size, n_layers
+
+if TYPE_CHECKING:
+    import torch
 
 
 # ---------------------------------------------------------------- the teacher, from its config
@@ -98,6 +102,18 @@ def peek_teacher(name: str) -> TeacherShape | None:
     return shape_from_config(name, config)
 
 
+def teacher_shape(name: str, device: str, dtype: str = "float32") -> tuple[TeacherShape, torch.nn.Module | None]:
+    """(shape, teacher): the shape from the config alone when :func:`peek_teacher` can read it (teacher
+    None), else from the model, loaded on ``device`` in ``dtype`` and returned for the caller to use."""
+    shape = peek_teacher(name)
+    if shape is not None:
+        return shape, None
+    from common.teacher import load_teacher
+
+    model = load_teacher(name, device, dtype)
+    return shape_of_model(name, model), model
+
+
 def check_window(seq_len: int, shape: TeacherShape, flag: str) -> None:
     if shape.max_positions is not None and seq_len > shape.max_positions:
         raise ValueError(
@@ -114,26 +130,20 @@ def check_sae_fits(sae, shape: TeacherShape, source: str) -> None:
         )
 
 
-# ---------------------------------------------------------------- devices and data
-def check_device(device: str, flag: str = "--device") -> None:
-    import torch
-
-    if device == "cpu":
-        return
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"{flag} {device}: no CUDA device is visible; use {flag} cpu")
-        index = device.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise ValueError(f"{flag} {device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
-        return
-    raise ValueError(f"{flag} {device!r}: use cpu, cuda or cuda:N")
-
-
+# ---------------------------------------------------------------- data
 def check_corpus(paths: list[str]) -> None:
     for p in paths:
         if not p.startswith("hf:") and not Path(p).exists():
             raise ValueError(f"--corpus {p} does not exist: check the path")
+
+
+def check_window_source(tokens: str | None, split: str, corpus: list[str], seq_len: int) -> int:
+    """The window length the data will give (``--tokens``' stage-1 windows, else ``--seq-len``), once
+    the data is there (the windows themselves: sae.data.window_source)."""
+    if tokens:
+        return check_tokens(tokens, split)
+    check_corpus(corpus)
+    return seq_len
 
 
 def check_tokens(tokens: str, split: str) -> int:

@@ -1,4 +1,5 @@
-"""Token windows from a corpus or stage-1 shards, teacher activations at a hook, a shuffle buffer.
+"""Token windows from a corpus or stage-1 shards (one :func:`window_source` for ``sae.train`` and
+``sae.eval``), teacher activations at a hook, a shuffle buffer.
 
 Everything here is deterministic given its position, so a resumed training run re-reads the same
 windows: ``iter_windows(..., skip=n)`` starts after the n-th window.
@@ -6,7 +7,7 @@ windows: ``iter_windows(..., skip=n)`` starts after the n-th window.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,20 @@ def iter_shard_windows(tokens_dir: str, split: str = "train") -> Iterator[np.nda
             yield ds[i]["tokens"][: m.seq_len].astype(np.int64)
     finally:
         ds.close()
+
+
+def window_source(tokens: str | None, split: str, corpus: list[str], teacher: str,
+                  seq_len: int) -> Callable[[], Iterator[np.ndarray]]:
+    """The windows ``sae.train`` and ``sae.eval`` read, as a callable returning a fresh iterator:
+    stage-1 shards' ``split`` when ``tokens`` is set, else ``corpus`` tokenised with ``teacher``'s
+    tokenizer into ``seq_len`` windows, each document followed by the teacher's separator token."""
+    if tokens:
+        return lambda: iter_shard_windows(tokens, split)
+    from common.teacher import load_tokenizer, separator_token_id
+
+    tok = load_tokenizer(teacher)
+    eos = separator_token_id(tok)
+    return lambda: iter_corpus_windows(corpus, tok, seq_len, eos)
 
 
 def iter_windows(source, skip: int = 0, loop: bool = True) -> Iterator[np.ndarray]:

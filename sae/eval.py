@@ -33,19 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import Parser, run_cli
+from common.device import check_device
 from sae.checks import (
-    check_corpus,
-    check_device,
     check_sae_fits,
-    check_tokens,
     check_window,
+    check_window_source,
     check_writable_file,
-    peek_teacher,
-    shape_of_model,
+    teacher_shape,
 )
-from sae.data import iter_corpus_windows, iter_shard_windows, iter_windows
+from sae.data import iter_windows, window_source
+from sae.formats import load_sae
 from sae.hooks import HookSpec, capture_residual, check_sae_matches_model, resolve_layer
-from sae.io import load_sae
 from shards.atomic import write_atomic
 
 
@@ -124,23 +122,13 @@ def default_out(cfg: EvalConfig) -> str | None:
 
 def prepare(cfg: EvalConfig):
     """Every check before the teacher runs; returns (cfg with the layer resolved, SAE, teacher or None)."""
-    from common.teacher import load_teacher
-
     check_device(cfg.device)
     out = default_out(cfg)
     if out:
         check_writable_file(Path(out), "--out" if cfg.out else f"--out (default {out})", is_eval_result)
     sae = load_sae(cfg.sae, device=cfg.device)
-    if cfg.tokens:
-        window = check_tokens(cfg.tokens, cfg.split)
-    else:
-        check_corpus(cfg.corpus)
-        window = cfg.seq_len
-    model = None
-    shape = peek_teacher(cfg.teacher)
-    if shape is None:  # GGUF: the config comes with the weights
-        model = load_teacher(cfg.teacher, cfg.device)
-        shape = shape_of_model(cfg.teacher, model)
+    window = check_window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.seq_len)
+    shape, model = teacher_shape(cfg.teacher, cfg.device)  # model: a GGUF teacher, loaded to learn its shape
     if cfg.layer is not None:
         cfg = dataclasses.replace(cfg, layer=resolve_layer(cfg.layer, shape.n_blocks))
         sae.hook = HookSpec(cfg.layer, sae.hook.location)
@@ -159,7 +147,7 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
     """The metrics of ``cfg.sae`` (or ``sae``) on ``cfg.teacher`` (or ``model``)."""
     from tqdm import tqdm
 
-    from common.teacher import load_teacher, load_tokenizer, separator_token_id
+    from common.teacher import load_teacher
 
     if sae is None:
         sae = load_sae(cfg.sae, device=cfg.device)
@@ -168,13 +156,7 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
     if model is None:
         model = load_teacher(cfg.teacher, cfg.device)
     check_sae_matches_model(sae, model, source=cfg.sae)
-    if cfg.tokens:
-        source = lambda: iter_shard_windows(cfg.tokens, cfg.split)  # noqa: E731
-    else:
-        tok = load_tokenizer(cfg.teacher)
-        eos = separator_token_id(tok)
-        source = lambda: iter_corpus_windows(cfg.corpus, tok, cfg.seq_len, eos)  # noqa: E731
-    windows = iter_windows(source, loop=False)
+    windows = iter_windows(window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.teacher, cfg.seq_len), loop=False)
 
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_pred = 0

@@ -3,7 +3,7 @@
 Locations, for block L (0-based):
 - ``resid_post``: the residual stream after block L, i.e. the block's output. HF's
   ``hidden_states[L + 1]`` equals it for every block but the last, whose entry is taken after the final
-  norm (NOTES.md), so we always hook the block itself.
+  norm (docs/method.md 1.1), so we always hook the block itself.
 - ``attn_out`` / ``mlp_out``: the output of the block's attention / MLP sublayer (before it is added
   to the residual stream).
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sae.io import CFG, SAELENS_WEIGHTS, load_sae
+from sae.formats import CFG, SAELENS_WEIGHTS, load_sae
 
 TRAIN_CONFIG = "train_config.json"
 SUMMARY = "summary.json"

@@ -16,7 +16,7 @@ Recipe of Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2
 - inputs normalised with OpenAI's parameter-free layer norm by default (their TopK SAEs), the loss is
   the FVU in that space; batches come from a shuffle buffer of activations from many windows.
 Teacher: inference mode, no parameter gradients; the forward stops after the hook block.
-Outputs in ``--out``: ``cfg.json`` + ``sae_weights.safetensors`` (see ``sae.io``),
+Outputs in ``--out``: ``cfg.json`` + ``sae_weights.safetensors`` (see ``sae.formats``),
 ``train_config.json``, ``metrics.jsonl``, ``summary.json`` (written last: the run is finished), and
 ``checkpoint/`` for ``--resume``. Every file is written whole or not at all. What happens when --out
 already holds something (another SAE, a user's files, this same run, another run) is in ``sae.rundir``:
@@ -30,38 +30,28 @@ import argparse
 import dataclasses
 import io
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
-from sae.checks import (
-    TeacherShape,
-    check_corpus,
-    check_device,
-    check_tokens,
-    check_window,
-    peek_teacher,
-    shape_of_model,
-)
+from common.device import check_device
+from sae.checks import check_window, check_window_source, teacher_shape
 from sae.data import (
     ShuffleBuffer,
-    iter_corpus_windows,
-    iter_shard_windows,
     iter_windows,
     teacher_activations,
+    window_source,
 )
-from sae.hooks import LOCATIONS, HookSpec, check_sae_matches_model, hidden_size, resolve_layer
-from sae.io import save_sae
+from sae.formats import save_sae
+from sae.hooks import HookSpec, check_sae_matches_model, hidden_size, resolve_layer
 from sae.model import SparseAutoencoder
+from sae.objective import auxk_loss, init_sae, lr_at, remove_parallel_grad
 from sae.rundir import (
     CHECKPOINT,
     METRICS,
@@ -75,187 +65,8 @@ from sae.rundir import (
     remove_ours,
     remove_tree_of_ours,
 )
+from sae.train_config import TrainConfig
 from shards.atomic import write_atomic
-
-
-@dataclass
-class TrainConfig:
-    teacher: str = ""
-    """Teacher: HF hub id, model directory, .gguf file or alias (smollm2-135m)."""
-    layer: int | None = None
-    """Block whose output (or sublayer output, see --location) the SAE reads: 0-based; -1 is the last
-    block, -2 the one before (as in Python), recorded as the non-negative index. Required."""
-    location: str = "resid_post"
-    """Hook location: resid_post, attn_out or mlp_out."""
-    corpus: list[str] = field(default_factory=list)
-    """Text corpus (files separated by <|endoftext|> lines, jsonl, parquet); or use --tokens."""
-    tokens: str | None = None
-    """Stage-1 token shard directory (with manifest.json); alternative to --corpus."""
-    split: str = "train"
-    """Split of --tokens to read."""
-    n_latents: int = 4608
-    """Number of SAE latents."""
-    k: int = 32
-    """Active latents per token (TopK)."""
-    max_tokens: int = 1_000_000
-    """Training tokens (activations) in total."""
-    out: str = ""
-    """Output directory."""
-    seq_len: int = 256
-    """Window length when reading --corpus (stage-1 shards bring their own)."""
-    teacher_batch: int = 8
-    """Windows per teacher forward."""
-    batch_size: int = 4096
-    """Activations per SAE step."""
-    buffer_tokens: int = 65536
-    """Shuffle buffer size (activations); at least 2 x batch_size."""
-    normalize: str = "layernorm"
-    """Input normalisation: layernorm (OpenAI), sqrt_d, none."""
-    lr: float | None = None
-    """Adam learning rate; default 2e-4 / sqrt(n_latents / 2^14) (Gao et al. 2024)."""
-    warmup_steps: int = 50
-    """Linear learning-rate warmup steps."""
-    lr_decay_frac: float = 0.2
-    """Decay the lr linearly to 0 over this final fraction of max_tokens (0: constant)."""
-    auxk_coef: float = 1 / 32
-    """AuxK loss coefficient (Gao et al. 2024 §A.2)."""
-    k_aux: int | None = None
-    """Dead latents used by AuxK; default d_in // 2 (sparsify)."""
-    dead_tokens: int | None = None
-    """A latent is dead after this many tokens without firing; default min(10M, max_tokens // 10)."""
-    b_dec_init: str = "geometric_median"
-    """b_dec initialisation from the first buffer: geometric_median, mean or zeros."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints (and one at the end)."""
-    log_every: int = 10
-    """Steps between metrics.jsonl lines."""
-    resume: bool = False
-    """Continue the run in --out from its checkpoint, also with a larger --max-tokens or another lr
-    schedule (a plain rerun of the same command continues on its own)."""
-    overwrite: bool = False
-    """Replace the sae.train run in --out: removes only the files sae.train wrote there."""
-    seed: int = 0
-    """Seed of the SAE init and the shuffle buffer."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:0 ..."""
-    teacher_dtype: str = "float32"
-    """Teacher weights dtype (activations are cast to fp32 for the SAE)."""
-    threads: int | None = None
-    """torch CPU threads (default: torch's)."""
-
-    def __post_init__(self) -> None:
-        errors = []
-        if not self.teacher:
-            errors.append("--teacher is required")
-        if self.layer is None:
-            errors.append("--layer is required (0-based block index; -1 is the last block)")
-        if self.location not in LOCATIONS:
-            errors.append(f"--location must be one of {LOCATIONS}")
-        if bool(self.corpus) == bool(self.tokens):
-            errors.append("give exactly one of --corpus or --tokens")
-        if not self.out:
-            errors.append("--out is required")
-        if self.n_latents < 1:
-            errors.append(f"--n-latents={self.n_latents} must be >= 1")
-        elif not 1 <= self.k <= self.n_latents:
-            errors.append(f"--k={self.k} must be in 1..n_latents={self.n_latents}")
-        if self.batch_size < 1:
-            errors.append(f"--batch-size={self.batch_size} must be >= 1")
-        if self.max_tokens < self.batch_size:
-            errors.append(f"--max-tokens={self.max_tokens} is smaller than one batch ({self.batch_size})")
-        if self.buffer_tokens < 2 * self.batch_size:
-            errors.append(f"--buffer-tokens={self.buffer_tokens} must be at least 2 x batch_size={self.batch_size}")
-        if self.normalize not in ("layernorm", "sqrt_d", "none"):
-            errors.append("--normalize must be layernorm, sqrt_d or none")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            errors.append("--b-dec-init must be geometric_median, mean or zeros")
-        if not 0 <= self.lr_decay_frac < 1:
-            errors.append("--lr-decay-frac must be in [0, 1)")
-        if self.seq_len < 1 or self.teacher_batch < 1:
-            errors.append("--seq-len and --teacher-batch must be >= 1")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            errors.append(f"--lr={self.lr} must be a positive number (or leave it out for the default)")
-        if self.warmup_steps < 0:
-            errors.append(f"--warmup-steps={self.warmup_steps} must be >= 0")
-        if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
-            errors.append(f"--auxk-coef={self.auxk_coef} must be >= 0")
-        for name in ("k_aux", "dead_tokens", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                errors.append(f"--{name.replace('_', '-')}={value} must be >= 1 (or leave it out for the default)")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            errors.append("--checkpoint-every and --log-every must be >= 1")
-        if self.seed < 0:
-            errors.append(f"--seed={self.seed} must be >= 0")
-        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
-            errors.append(f"--teacher-dtype={self.teacher_dtype!r} must be float32, bfloat16 or float16")
-        if errors:
-            raise ValueError("invalid training config: " + "; ".join(errors))
-
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
-
-    def resolved_dead_tokens(self) -> int:
-        return self.dead_tokens if self.dead_tokens is not None else max(self.batch_size, min(10_000_000, self.max_tokens // 10))
-
-
-def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x (N, D)."""
-    y = x.mean(dim=0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=-1).clamp_min(eps)  # (N,)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() < eps * max(1.0, y.norm().item()):
-            return y_new
-        y = y_new
-    return y
-
-
-def init_sae(cfg: TrainConfig, d_in: int, sample: torch.Tensor, hook: HookSpec) -> SparseAutoencoder:
-    """Random unit-norm decoder rows, encoder = decoder transpose, b_dec from the (normalised) data."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sae = SparseAutoencoder(d_in, cfg.n_latents, "topk", cfg.k, normalize=cfg.normalize, hook=hook,
-                            source=cfg.out, metadata={"trained_by": "sae.train"})
-    with torch.no_grad():
-        W = torch.randn(cfg.n_latents, d_in, generator=gen)
-        sae.W_dec.copy_(W / W.norm(dim=-1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec)  # (C, D): our W_enc layout is already the transpose of a (D, C) decoder
-        x_n, _ = sae.normalize_input(sample)
-        if cfg.b_dec_init == "geometric_median":
-            sae.b_dec.copy_(geometric_median(x_n))
-        elif cfg.b_dec_init == "mean":
-            sae.b_dec.copy_(x_n.mean(0))
-    return sae
-
-
-def auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """Gao et al. 2024 §A.2: reconstruct the main loss's residual from the top-k_aux dead latents."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return pre.new_zeros(())
-    k = min(k_aux, n_dead)
-    masked = pre.masked_fill(~dead, float("-inf"))  # (N, C): only dead latents can be picked
-    vals, ids = masked.topk(k, dim=-1)
-    e_hat = F.embedding_bag(ids, sae.W_dec, per_sample_weights=F.relu(vals), mode="sum")  # (N, D)
-    scale = min(n_dead / k_aux, 1.0)  # sparsify: fewer dead latents -> proportionally less weight
-    total_variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return scale * (e_hat - residual).pow(2).sum() / total_variance
-
-
-@torch.no_grad()
-def remove_parallel_grad(W: torch.nn.Parameter) -> None:
-    """Project out the gradient component parallel to each (unit-norm) decoder row (Gao et al. §A.1)."""
-    if W.grad is not None:
-        W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
-
-
-def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
-    lr = cfg.resolved_lr() * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    if cfg.lr_decay_frac > 0:
-        start = cfg.max_tokens * (1 - cfg.lr_decay_frac)
-        if tokens > start:
-            lr *= max(0.0, (cfg.max_tokens - tokens) / (cfg.max_tokens - start))
-    return lr
 
 
 class Trainer:
@@ -264,7 +75,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, teacher: torch.nn.Module | None = None, plan: OutPlan | None = None) -> None:
         """``cfg``, ``teacher`` and ``plan`` as ``prepare`` returns them; without ``plan``, ``prepare``
         runs here (the command's checks, the layer resolved to its non-negative index)."""
-        from common.teacher import load_teacher, load_tokenizer, separator_token_id
+        from common.teacher import load_teacher
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -275,12 +86,7 @@ class Trainer:
         self.plan = plan
         self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
         self.d_in = hidden_size(self.teacher)
-        if cfg.tokens:
-            self.source = lambda: iter_shard_windows(cfg.tokens, cfg.split)
-        else:
-            tok = load_tokenizer(cfg.teacher)
-            eos = separator_token_id(tok)
-            self.source = lambda: iter_corpus_windows(cfg.corpus, tok, cfg.seq_len, eos)
+        self.source = window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.teacher, cfg.seq_len)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.buffer = ShuffleBuffer(cfg.buffer_tokens, self.d_in, self.gen)
         self.pending = torch.empty(0, self.d_in)
@@ -350,7 +156,7 @@ class Trainer:
         write_atomic(tmp / STATE, state.getvalue())  # last: its presence marks tmp complete
 
     def _load_checkpoint(self) -> None:
-        from sae.io import load_sae
+        from sae.formats import load_sae
 
         d = checkpoint_dir(self.out)
         if d is None:
@@ -504,19 +310,9 @@ def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Mo
     """Every check before heavy work: inputs, teacher shape, layer, --out. Returns the config with the
     layer resolved to its non-negative index, the teacher if it had to be loaded to learn its shape
     (GGUF), and what to do with --out."""
-    from common.teacher import load_teacher
-
     check_device(cfg.device)
-    if cfg.tokens:
-        window = check_tokens(cfg.tokens, cfg.split)
-    else:
-        check_corpus(cfg.corpus)
-        window = cfg.seq_len
-    teacher = None
-    shape: TeacherShape | None = peek_teacher(cfg.teacher)
-    if shape is None:
-        teacher = load_teacher(cfg.teacher, cfg.device, cfg.teacher_dtype)
-        shape = shape_of_model(cfg.teacher, teacher)
+    window = check_window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.seq_len)
+    shape, teacher = teacher_shape(cfg.teacher, cfg.device, cfg.teacher_dtype)  # teacher: GGUF, loaded to learn its shape
     cfg = dataclasses.replace(cfg, layer=resolve_layer(cfg.layer, shape.n_blocks))
     check_window(window, shape, "--seq-len" if not cfg.tokens else f"--tokens {cfg.tokens}: window length")
     plan = plan_out(Path(cfg.out), train_record(cfg), cfg.resume, cfg.overwrite, argv)

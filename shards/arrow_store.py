@@ -1,7 +1,7 @@
 """Arrow IPC shards: one row per window, one FixedSizeList column per field, one record batch.
 
 Read through a memory map: every field becomes a numpy view over the mapped file, so a window read
-is an index into the page cache and copies nothing (NOTES.md: 6-9 us per window).
+is an index into the page cache and copies nothing (docs/data.md; README "Benchmarks": ~6 us per window).
 """
 
 from __future__ import annotations

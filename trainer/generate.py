@@ -2,7 +2,7 @@
 
     python -m trainer.generate --ckpt runs/x/ckpt --prompt "The meaning of" --steer 123=5 --show-concepts 5
 
-Steering multiplies the predicted logit z_t[ID] by SCALE before TopK (COCOMIX.md section 2, step 8)
+Steering multiplies the predicted logit z_t[ID] by SCALE before TopK (docs/method.md 2.6)
 at every position that produces a generated token: the last prompt position and every generated
 one. The KV cache holds one entry per token in the blocks before L_ins and two (token slot, concept
 slot) after it, so each new token costs one position below L_ins and two above.
@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from common.cli import Parser, run_cli
+from common.device import check_device
 from trainer.checkpoint import load_model_from
 from trainer.model import GPT, KVCache
 
@@ -181,11 +182,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.show_concepts < 0:
         raise ValueError(f"--show-concepts must be >= 0, got {a.show_concepts}")
     parse_steer(a.steer)  # the form ID=SCALE; the id range is checked against the checkpoint
-    if a.device != "cpu":
-        if not a.device.startswith("cuda"):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {a.device!r}")
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {a.device} but CUDA is not available: use --device cpu")
+    check_device(a.device)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -1,4 +1,7 @@
-"""The training loop: AdamW, warmup + cosine, accumulation, DDP, eval, checkpoints, metrics.
+"""The training loop: setup and resume, accumulation, DDP, eval, checkpoints, metrics. The optimiser and
+LR schedule are in trainer/optimizer.py; ranks, device, Ctrl-C and TensorBoard in trainer/process.py.
+One ``Trainer`` class: its setup (out-dir, identity, checksums) and its step loop share the run's
+state, which is why this file stays a little over 400 lines.
 
 Exact resume: the window order is a function of (seed, step) (:mod:`trainer.data`), the LR of the
 step, and the checkpoint carries weights, optimiser moments and every RNG dropout draws from, so a
@@ -10,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,14 @@ from trainer.config import TrainConfig
 from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
 from trainer.model import GPT
 from trainer.objectives import compute_losses, concept_targets
+from trainer.optimizer import lr_at, make_optimizer
+from trainer.process import (
+    StopOnSigint,
+    allreduce_mean,
+    distributed,
+    process_device,
+    tensorboard_writer,
+)
 from trainer.validate import (
     build_model_config,
     check_manifest,
@@ -44,55 +52,6 @@ class Interrupted(KeyboardInterrupt):
     it and exits 130)."""
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int, warmup: int) -> float:
-    """Linear warmup to the peak, then cosine to min_lr_ratio * peak at the last step (COCOMIX.md 4)."""
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's environment; initialises the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but CUDA is not available")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def _allreduce_mean(values: list[float], world: int, device: torch.device) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
 class Trainer:
     """Builds everything from a TrainConfig; ``run()`` trains and returns a summary.
 
@@ -102,13 +61,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.rank, self.world, local_rank = _distributed()
+        self.rank, self.world, local_rank = distributed()
         if not cfg.shards:
             raise ValueError("--shards is required: the manifest JSON of the data to train on")
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / rundir.CKPT
         rundir.check_path(self.out)
-        self.device = _device(cfg.device, local_rank)
+        self.device = process_device(cfg.device, local_rank)
         self.manifest = load_manifest(cfg.shards)
         self.model_cfg = build_model_config(cfg, self.manifest)
         check_manifest(cfg, self.manifest, self.model_cfg)
@@ -349,7 +308,7 @@ class Trainer:
             self._start_files()
         metrics_f = None
         tb = None
-        stop_request = _StopOnSigint() if self.world == 1 else contextlib.nullcontext(None)
+        stop_request = StopOnSigint() if self.world == 1 else contextlib.nullcontext(None)
         source = StepBatches(
             self.train_ds, self.sampler, self.fields, self.dtypes, self.rank, self.world,
             vocab_size=self.model_cfg.vocab_size,
@@ -369,7 +328,7 @@ class Trainer:
                         metrics_f = open(self.out / rundir.METRICS, "a")
                     except OSError as e:
                         raise ValueError(f"could not open {str(self.out / rundir.METRICS)!r}: {e.strerror or e}") from e
-                    tb = _tensorboard(self.out / "tb") if cfg.tensorboard else None
+                    tb = tensorboard_writer(self.out / "tb") if cfg.tensorboard else None
                 if is_main and cfg.progress:
                     from tqdm.auto import tqdm
 
@@ -462,7 +421,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.tokens_per_step
-        loss, l_c, l_kd = _allreduce_mean(sums, self.world, self.device)
+        loss, l_c, l_kd = allreduce_mean(sums, self.world, self.device)
         last = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
                 "flops": self.flops_per_token * self.tokens}
         if cfg.mode == "cocomix":
@@ -474,45 +433,6 @@ class Trainer:
         else:
             last["ntp_loss"] = loss
         return last
-
-
-class _StopOnSigint:
-    """While active (single process, main thread, default handler): the first Ctrl-C only sets
-    ``requested``, so the loop ends the step, saves and stops cleanly; a second one interrupts now.
-    Loader workers forked meanwhile inherit the handler and ignore the signal (pid check): they keep
-    serving the step in flight instead of dying."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._pid = os.getpid()
-        self._prev = None
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            return
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now, unsaved)",
-              file=sys.stderr, flush=True)
-
-    def __enter__(self) -> _StopOnSigint | None:
-        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return None
-        self._prev = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(path))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

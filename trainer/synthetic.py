@@ -39,7 +39,7 @@ def make_arrays(
     scores = np.sort(rng.uniform(0.1, 1.0, size=(n, T, k_attr)), -1)[..., ::-1].astype(np.float32)
     short = rng.random((n, T)) < 0.1  # some positions have fewer usable labels
     scores[short, -1] = -np.inf
-    scores[:, -1, :] = -np.inf  # the window's last position carries no label (COCOMIX.md 1.3)
+    scores[:, -1, :] = -np.inf  # the window's last position carries no label (docs/method.md 1.4)
     cids = np.where(np.isfinite(scores), cids, 0)
     mix_src = np.stack([cur if i % 2 == 0 else nxt for i in range(k_mix)], -1)
     mix_ids = (mix_src * (np.arange(k_mix) * 2 + 1) + 11) % n_concepts
