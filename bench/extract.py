@@ -137,7 +137,7 @@ def check_bf16(runner, windows: np.ndarray, batch: int) -> dict[str, dict[str, f
 def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T: int, batch: int,
                       device: str) -> dict[int, float]:
     """tokens/s of the whole Ray pipeline with 1 and 2 actors on the same token shards."""
-    from pipeline.concepts import ExtractConfig, run
+    from pipeline.extract import ExtractConfig, run
     from pipeline.stage1 import TokenizeConfig
     from pipeline.stage1 import run as tokenize
     from shards.runlog import read_runs
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from common.teacher import load_teacher
-    from pipeline.runner import RunnerConfig, TeacherRunner
+    from pipeline.extract_runner import RunnerConfig, TeacherRunner
     from sae import hidden_size, load_sae, save_sae
 
     model = load_teacher(a.teacher, device=a.device if a.device != "auto" else "cpu")

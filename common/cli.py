@@ -74,14 +74,18 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field of a dataclass (attribute docstrings)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """The string literal under each annotated field of a dataclass (attribute docstrings), its
+    dataclass bases' included (a subclass's own docstring wins for a field it redeclares)."""
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")  # argparse formats help
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")  # argparse formats help
     return docs
 
 

@@ -1,4 +1,4 @@
-"""Concept attribution scores and top-K concept labels (COCOMIX.md section 1.3 and 1.4).
+"""Concept attribution scores and top-K concept labels (docs/method.md).
 
 Notation: N tokens (B windows x T positions, flattened), D teacher width at the hook, C SAE latents,
 k the SAE's TopK, K the number of labels per token (K_attr, paper: 4).
@@ -14,7 +14,7 @@ Three variants, chosen by the user:
 
 Labels. The dense reference takes ``topk`` of the signed scores over all C latents; when fewer than
 K active latents score positive, it fills the remaining slots with arbitrary zero-score inactive
-latents (COCOMIX.md 1.4). Here ``act_x_grad`` and ``activation`` keep only active latents with a
+latents (docs/method.md). Here ``act_x_grad`` and ``activation`` keep only active latents with a
 positive score; a missing slot holds id 0 and score -inf (the contract shared with the trainer: a
 label slot is invalid exactly when its score is -inf), and the number of tokens with at least one
 missing slot is counted. ``preact_x_grad`` keeps the paper's plain signed top-K over all C, which
@@ -97,6 +97,15 @@ def top_signed(scores: torch.Tensor, k: int) -> Labels:
     top, top_ids = scores.float().topk(k, dim=1)  # sorted, descending
     n_short = int((~(top > 0)).any(dim=1).sum()) if k > 0 else 0
     return Labels(ids=top_ids.long(), scores=top, n_short=n_short)
+
+
+def dense_code_labels(variant: Variant, k: int, g: torch.Tensor, c: torch.Tensor, W_dec: torch.Tensor) -> Labels:
+    """Labels from the dense code c (N, C) of an SAE without a fixed k (ReLU / JumpReLU), whose active
+    set is data-dependent: every latent is a candidate, scored by ``dense_attribution`` (act_x_grad)
+    or by c itself (activation); inactive latents score 0 and so are never labels."""
+    all_ids = torch.arange(c.shape[1], device=c.device).expand_as(c)
+    score = c if variant == "activation" else dense_attribution(g, c, W_dec)
+    return top_positive(all_ids, score, k)
 
 
 def attribution_labels(

@@ -18,20 +18,23 @@ import sys
 
 # The stage-2 API under its one name: `from pipeline.extract import ExtractConfig, run`. Imported on
 # first use, so that this file runs (and explains a missing package) where cocomix is not installed.
-_API = {"ExtractConfig": "ExtractConfig", "run": "run", "build_parser": "build_parser"}
+# The modules behind it: extract_plan (config, inputs, jobs, resume), extract_outputs (what --out and
+# --manifest may hold), extract_driver (run on Ray, manifest, CLI), extract_worker, extract_runner.
+_API = {"ExtractConfig": "pipeline.extract_plan", "run": "pipeline.extract_driver",
+        "build_parser": "pipeline.extract_driver"}
 
 
 def __getattr__(name: str):
     if name in _API:
-        from pipeline import concepts
+        import importlib
 
-        return getattr(concepts, _API[name])
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'pipeline.extract' has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from pipeline.concepts import main as extract_main
+        from pipeline.extract_driver import main as extract_main
     except ImportError as e:
         # Seen with `ray submit` on nodes without Docker: the login shell's python was the system one.
         print(f"error: the cocomix package is not importable by {sys.executable} ({e}); run `pip install -e "

@@ -1,5 +1,5 @@
 """One stage-2 worker (a Ray actor): a TeacherRunner, loaded once, turning token shards into concept
-shards, one whole shard per call, written atomically by this worker alone (DESIGN.md)."""
+shards, one whole shard per call, written atomically by this worker alone (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.runner import BatchStats, RunnerConfig, TeacherRunner, record_fields
+from pipeline.extract_runner import BatchStats, RunnerConfig, TeacherRunner, record_fields
 from shards import FieldSpec, PartWriter, ShardPart, open_shard, verify_part
 
 
@@ -89,7 +89,7 @@ class ExtractWorker:
                 if self.progress is not None:
                     self.progress.set.remote(job.key, stats.tokens)
             part = writer.close()
-        except OSError as e:  # disk full / read-only: a ValueError reaches the CLI as one line (concepts._our_error)
+        except OSError as e:  # disk full / read-only: a ValueError reaches the CLI as one line (extract_driver._our_error)
             writer.abort()
             raise ValueError(f"writing concept shard {job.out}: {e.strerror or e}; free some space (or pass another "
                              "--out) and rerun the same command: finished shards are kept") from e

@@ -17,7 +17,8 @@ Normalisations:
 How the concept extraction uses it (COCOMIX.md §1.3, the reference code's attribution):
     ids, vals = sae.encode_topk(x)      # x: un-normalised residual (N, D) at sae.hook; c = vals at ids
     g = dL/dx                           # gradient of the teacher loss w.r.t. that same un-normalised x
-    a = vals * sae.decoder_dot(ids, g)  # a_i = c_i * <g, W_dec[i]>, only at the k active latents
+    a = vals * <g, W_dec[ids]>          # a_i = c_i * <g, W_dec[i]>, only at the k active latents
+                                        # (pipeline/attribution.py: sparse_attribution)
 The score uses the raw decoder row and the raw-space gradient g, as the reference code does
 (``(g @ W_dec) * c``), even though with layer-norm input c is a function of the normalised x; nothing
 is rescaled by the layer norm's std. The paper-text variant (Eq. 1) uses ``pre_activations(x)``
@@ -261,16 +262,6 @@ class SparseAutoencoder(nn.Module):
         """(N, n_latents) dense code -> (N, d_in)."""
         y = c.to(self.W_dec.dtype) @ self.W_dec + self.b_dec  # (N, D)
         return self.denormalize(y, stats) if stats is not None else y
-
-    def decoder_dot(self, ids: torch.Tensor, v: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """<v[n], W_dec[ids[n, j]]> for (N, k) ids and (N, d_in) v -> (N, k): the attribution's
-        ``g @ W_dec`` restricted to the active latents, in row chunks so the (chunk, k, D) gather
-        stays small."""
-        out = []
-        for s in range(0, ids.shape[0], chunk):
-            rows = self.W_dec[ids[s : s + chunk]]  # (n, k, D)
-            out.append(torch.einsum("nkd,nd->nk", rows, v[s : s + chunk].to(rows.dtype)))
-        return torch.cat(out) if out else v.new_zeros(ids.shape)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> SAEOutput:

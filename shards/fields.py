@@ -48,6 +48,14 @@ class FieldSpec:
         return cls(dtype=d["dtype"], shape=tuple(d["shape"]))
 
 
+def as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values of logical ``dtype`` as float32. bfloat16 is stored as its raw uint16 bits (see
+    ``DTYPES``), which are the top half of the same number's float32 bits; other dtypes are cast."""
+    if dtype == "bfloat16":
+        return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(a).astype(np.float32)
+
+
 def token_dtype(vocab_size: int) -> str:
     """Smallest dtype for token ids (DESIGN.md: uint16 when the vocabulary fits)."""
     return "uint16" if vocab_size <= 65535 else "uint32"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.concepts import ExtractConfig, main, run
-from pipeline.runner import RunnerConfig, TeacherRunner
+from pipeline.extract import ExtractConfig, main, run
+from pipeline.extract_runner import RunnerConfig, TeacherRunner
 from pipeline.stage1 import TokenizeConfig
 from pipeline.stage1 import run as tokenize
 from sae import save_sae

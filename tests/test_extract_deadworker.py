@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.concepts import run
+from pipeline.extract import run
 from shards import load_manifest
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)

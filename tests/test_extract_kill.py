@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import concepts
-from pipeline.concepts import run
+from pipeline.extract import run
 from shards import load_manifest
+from shards.runlog import read_runs
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
 from tests.test_extract_resume import reference as reference  # noqa: F401
@@ -55,4 +55,4 @@ def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference): 
     assert all_bytes(cfg.concept_dir) == reference
     assert cfg.manifest_path.read_bytes() == (data / "ref" / "concepts.json").read_bytes()
     assert not [p for p in Path(cfg.out).rglob("*") if ".tmp" in p.name]
-    assert 0 < concepts.read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())
+    assert 0 < read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.concepts import run
+from pipeline.extract import run
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
 from tests.test_extract import all_bytes, config

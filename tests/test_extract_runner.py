@@ -6,7 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.attribution import dense_attribution
-from pipeline.runner import RunnerConfig, TeacherRunner, record_fields
+from pipeline.extract_runner import RunnerConfig, TeacherRunner, record_fields
 from sae import HookSpec, SparseAutoencoder
 
 V, D, C, K_SAE, LAYER, T = 97, 64, 256, 8, 0, 24
@@ -181,7 +181,7 @@ def test_bf16_above_hook_keeps_the_residual_exact():
 def test_negative_layer_counts_from_the_last_block():
     """--layer -1 is the last block (as in Python), resolved once to its non-negative index; the hook is
     the block's own output, not HF's hidden_states[-1] (which comes after the final norm, NOTES.md)."""
-    from pipeline.runner import check_compatible
+    from pipeline.extract_runner import check_compatible
 
     sae = random_sae(layer=1)
     def cfg(layer):

@@ -128,7 +128,7 @@ def test_relative_paths_are_refused_inside_a_ray_job(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"--corpus 'c\.txt' is a relative path.*raysubmit_T.*--corpus /mnt/efs/c\.txt"):
         check_job_paths({"--out": str(tmp_path), "--corpus": [str(tmp_path), "c.txt"]})
     # Both stages' CLIs refuse before any work: one `error:` line, exit 2, nothing written.
-    from pipeline.concepts import main as extract_main
+    from pipeline.extract import main as extract_main
     from pipeline.stage1 import main as tokenize_main
 
     monkeypatch.chdir(tmp_path)

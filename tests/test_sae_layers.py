@@ -61,7 +61,7 @@ def test_eval_layer_minus_one_equals_layer_one(trained, tmp_path):
 
 def test_help_says_what_negative_layers_mean():
     from common.cli import field_docs
-    from pipeline.concepts import ExtractConfig
+    from pipeline.extract import ExtractConfig
     from sae.eval import build_parser as eval_parser
     from sae.train import build_parser as train_parser
 

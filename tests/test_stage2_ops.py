@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import concepts
-from pipeline.concepts import main, run
+from pipeline import extract_driver
+from pipeline.extract import main, run
 from shards import checksum, load_manifest
+from shards.runlog import read_runs
 from tests.test_extract import all_bytes, config
 from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
 from tests.test_extract_resume import reference as reference  # noqa: F401
@@ -153,7 +154,7 @@ def test_overwrite_removes_only_what_stage2_wrote(data, tiny_teacher_dir, refere
     assert m.attribution["variant"] == "activation" and m.stats["complete"]
     assert sorted(p.name for p in cdir.iterdir()) == sorted(
         ["extraction.json", "runs.jsonl"] + [sh.parts["concepts"].path.name for s in m.splits.values() for sh in s.shards])
-    assert len(concepts.read_runs(cdir)) == 1  # the old run log went with the extraction it described
+    assert len(read_runs(cdir)) == 1  # the old run log went with the extraction it described
 
 
 # -- item 7: deterministic manifests, no temporaries --------------------------------------------------
@@ -183,7 +184,7 @@ def test_interrupted_runs_write_the_same_manifest_bytes(data, tiny_teacher_dir, 
         assert cfg.manifest_path.read_bytes() == ref_manifest, k
         assert all_bytes(cfg.concept_dir) == reference
         assert not no_temporaries(Path(cfg.out))
-        assert [r["shards"]["verified"] for r in concepts.read_runs(cfg.concept_dir)] == [k]
+        assert [r["shards"]["verified"] for r in read_runs(cfg.concept_dir)] == [k]
 
 
 # -- inputs checked before the teacher loads ----------------------------------------------------------
@@ -266,7 +267,7 @@ def test_full_disk_is_one_error_and_a_rerun_completes(data, tiny_teacher_dir, re
     rc, _, err = cli(argv, capsys)
     assert "kB free" in one_error(rc, err) and not out.exists()
     # Mid-run (the estimate bypassed, as when another program fills the disk): one line, nothing half-written.
-    monkeypatch.setattr(concepts, "_check_space", lambda p, todo: None)
+    monkeypatch.setattr(extract_driver, "check_space", lambda p, todo: None)
     rc, _, err = cli(argv, capsys)
     line = one_error(rc, err)
     assert "No space left on device" in line and "rerun the same command" in line

@@ -93,9 +93,9 @@ def test_to_torch_dtypes():
     assert out["tokens"].dtype == torch.int64 and out["tokens"][0, 1] == 65000
     assert out["concept_scores"].dtype == torch.float32 and out["concept_scores"][0].tolist() == [1.5, -float("inf")]
     assert out["kd_logprobs"].dtype == torch.float32
-    from trainer.data import bf16_to_f32
+    from shards.fields import as_float32
 
-    assert bf16_to_f32(batch["concept_scores"]).tolist() == [[1.5, -float("inf")]]
+    assert as_float32(batch["concept_scores"], "bfloat16").tolist() == [[1.5, -float("inf")]]
 
 
 def test_training_imports_no_teacher_code(tmp_path):

@@ -16,7 +16,7 @@ T = 16
 
 @pytest.fixture(scope="module")
 def concepts(tmp_path_factory, tiny_teacher_dir):
-    from pipeline.concepts import ExtractConfig, run
+    from pipeline.extract import ExtractConfig, run
     from pipeline.stage1 import TokenizeConfig
     from pipeline.stage1 import run as tokenize
     from sae import save_sae

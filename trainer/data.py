@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shards.fields import as_float32
+
 # Float fields become fp32; integer fields int64 (torch has no arithmetic on uint16/uint32).
 _FLOAT = {"float16", "bfloat16", "float32"}
 
@@ -82,18 +84,13 @@ class StepSampler:
         return {"step": step, "epoch": epoch, "batch_in_epoch": b, "seed": self.seed, "windows": self.n, "global_batch": self.G}
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 values stored as uint16 bits (shards' convention) -> float32 (the top 16 bits)."""
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
-
-
 def to_torch(batch: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
     """numpy window arrays -> tensors; ``dtypes`` are the manifest's logical dtypes per field."""
     out = {}
     for k, a in batch.items():
         dt = dtypes.get(k, str(a.dtype))
         if dt == "bfloat16":  # stored as uint16 bits
-            out[k] = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+            out[k] = torch.from_numpy(as_float32(a, dt))
         elif dt in _FLOAT:
             out[k] = torch.from_numpy(np.asarray(a, dtype=np.float32))
         else:
@@ -159,7 +156,7 @@ class StepBatches(Dataset):
             for f, s in (("concept_ids", "concept_scores"), ("mix_ids", "mix_vals")):
                 if f in raw:
                     ids = raw[f].astype(np.int64)
-                    vals = bf16_to_f32(raw[s]) if self.dtypes.get(s) == "bfloat16" else raw[s]
+                    vals = as_float32(raw[s], "bfloat16") if self.dtypes.get(s) == "bfloat16" else raw[s]
                     bad = (ids >= self.n_concepts) & np.isfinite(vals)
                     if bad.any():
                         raise ValueError(f"{f} {int(ids[bad].max())} >= n_concepts {self.n_concepts} in {self._where(idx)}")

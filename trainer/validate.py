@@ -12,7 +12,7 @@ from trainer.config import RESUME_KEYS, ModelConfig, TrainConfig, get_preset
 
 
 def needed_fields(cfg: TrainConfig) -> list[str]:
-    """Fields the mode reads (DESIGN.md "Trainer contract": CoCoMix needs concept_ids, KD kd_*)."""
+    """Fields the mode reads (docs/data.md, the trainer contract: CoCoMix needs concept_ids, KD kd_*)."""
     f = ["tokens"]
     if cfg.mode == "cocomix":
         f += ["concept_ids", "concept_scores"] if cfg.labels == "attribution" else ["mix_ids", "mix_vals"]
@@ -26,14 +26,10 @@ def _pad(v: int, multiple: int = 64) -> int:
     return -(-v // multiple) * multiple
 
 
-def k_attr(manifest) -> int:
-    """K_attr: labels per position (the manifest's attribution.k_attr, else the field's width)."""
-    att = manifest.attribution or {}
-    if "k_attr" in att:
-        return int(att["k_attr"])
-    if "concept_ids" in manifest.fields:
-        return manifest.fields["concept_ids"].shape[-1]
-    return 4  # paper (COCOMIX.md section 1.4)
+def k_attr(manifest) -> int | None:
+    """K_attr, the labels per position: a concept manifest's ``attribution.k_attr`` (stage 2 and
+    trainer.synthetic always write it); None for a token manifest, whose modes (ntp) need none."""
+    return int(manifest.attribution["k_attr"]) if manifest.attribution else None
 
 
 def build_model_config(cfg: TrainConfig, manifest) -> ModelConfig:
@@ -59,6 +55,8 @@ def build_model_config(cfg: TrainConfig, manifest) -> ModelConfig:
 
 
 def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
+    """Everything about the manifest that can stop this run. The model's vocab_size, block_size and
+    n_concepts are not re-checked: build_model_config sets them from this manifest."""
     e: list[str] = []
     where = f"manifest {manifest.path}"
     missing = [f for f in needed_fields(cfg) if f not in manifest.fields]
@@ -76,22 +74,14 @@ def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
         e.append("the manifest has no train windows")
     if cfg.eval_windows > 0 and ("val" not in manifest.splits or manifest.splits["val"].windows == 0):
         e.append("the manifest has no val windows: tokenize with a larger --val-fraction or pass --eval-windows 0")
-    vocab = int(manifest.tokenizer["vocab_size"])
-    if model.vocab_size < vocab:
-        e.append(f"model vocab_size {model.vocab_size} < tokenizer vocab_size {vocab} of the manifest")
-    if manifest.seq_len > model.block_size:
-        e.append(f"manifest seq_len {manifest.seq_len} exceeds the model's block_size {model.block_size}")
     if model.concept is not None and cfg.mode == "cocomix":
-        n_lat = (manifest.sae or {}).get("n_latents")
-        if n_lat is None:
+        if "n_latents" not in (manifest.sae or {}):
             e.append("manifest sae.n_latents is missing: cannot size the concept predictor")
-        elif int(n_lat) != model.concept.n_concepts:
-            e.append(f"model n_concepts {model.concept.n_concepts} != manifest sae.n_latents {n_lat}")
         if model.concept.topk > model.concept.n_concepts:
             e.append(f"concept topk {model.concept.topk} > n_concepts {model.concept.n_concepts}")
         if cfg.labels == "attribution" and "concept_ids" in manifest.fields:
             K = manifest.fields["concept_ids"].shape[-1]
-            if manifest.attribution and int(manifest.attribution.get("k_attr", K)) != K:
+            if manifest.attribution and int(manifest.attribution["k_attr"]) != K:
                 e.append(f"attribution.k_attr {manifest.attribution['k_attr']} != concept_ids width {K}")
             if manifest.fields["concept_ids"].shape[0] != manifest.seq_len:
                 e.append(f"concept_ids has {manifest.fields['concept_ids'].shape[0]} positions, seq_len is {manifest.seq_len}")

@@ -1,5 +1,5 @@
 """The teacher runner: one teacher + one SAE, loaded once, turning batches of token windows into
-per-token concept records (DESIGN.md "Per-window records").
+per-token concept records (docs/data.md, the concept records).
 
 Per batch of B windows of T+1 tokens:
 1. teacher forward on the T input tokens; the output of block L (the residual stream the SAE reads)
@@ -9,14 +9,14 @@ Per batch of B windows of T+1 tokens:
    dNLL/dhidden, so the (B, T, V) logits never exist at once;
 3. one backward from the final hidden state to the hook gives g = dL/dx, L the window's SUMMED
    next-token loss (windows are independent, so the batch's summed loss has the same g per window,
-   and the scores do not depend on the batch size; COCOMIX.md 1.3);
+   and the scores do not depend on the batch size; docs/method.md);
 4. the SAE encodes x (sparse top-k), attribution.py scores and ranks the latents.
 
 The last position. A window holds T+1 tokens and positions 0..T-1 are inputs, each with a target
 (the next token), so every labelled position has a gradient: position t's g holds its own loss and
 the losses of t+1..T-1 that it influences; position T-1's only its own. Token T is only a target and
 has no record. This is the reference code's "last position without a next token", excluded by
-construction (DESIGN.md: windows of seq_len + 1 tokens, positions 0..seq_len-1 carry labels).
+construction (docs/data.md: windows of seq_len + 1 tokens, positions 0..seq_len-1 carry labels).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from common.teacher import load_teacher
-from pipeline.attribution import VARIANTS, Variant, attribution_labels, top_positive
+from pipeline.attribution import VARIANTS, Variant, attribution_labels, dense_code_labels
 from sae import HookSpec, load_sae, n_layers, resolve_block
 from sae.hooks import capture_residual, resolve_layer
-from shards import FieldSpec, id_dtype
+from shards import FieldSpec, Manifest, id_dtype, open_shard
+from shards.fields import as_float32
 
 FLOAT16_MAX = 65504.0
 PRECISIONS = ("float32", "bfloat16", "bf16-above-hook")
@@ -54,27 +55,27 @@ class RunnerConfig:
     """What a runner loads and computes."""
 
     teacher: str
-    """Teacher: HF hub id, local model directory, .gguf file or alias (smollm2-135m)."""
+    """Teacher: HF hub id, local model directory, .gguf file, or smollm2-135m."""
     sae: str
-    """SAE directory or file, any format ``sae.load_sae`` reads."""
-    sae_format: str | None = None
-    """SAE format (openai, saelens, sparsify, cocomix); None = detect."""
+    """SAE directory or file (OpenAI .pt, SAELens, sparsify, or ours from sae.train)."""
+    sae_format: Literal["openai", "saelens", "sparsify", "cocomix"] | None = None
+    """SAE format (default: detected)."""
     layer: int | None = None
-    """Teacher block whose output the SAE reads (0-based; -1 = the last block, -2 the one before, resolved
-    to the non-negative index by ``check_compatible``); None = the SAE's own metadata."""
+    """Teacher block whose output the SAE reads, 0-based; -1 is the last block, -2 the one before (recorded
+    as the non-negative index) (default: the SAE's metadata)."""
     attribution: Variant = "act_x_grad"
-    """act_x_grad (reference code, default), preact_x_grad (paper Eq. 1), activation (ablation)."""
+    """act_x_grad (reference code), preact_x_grad (paper Eq. 1, dense), activation (ablation)."""
     k_attr: int = 4
     """Concept labels per token (paper: 4)."""
     k_mix: int = 32
-    """SAE top-k code stored as mixing targets; 0 = not stored."""
+    """SAE top-k code stored as mixing targets (0 = not stored)."""
     k_kd: int = 0
-    """Teacher top-k next-token log-probs stored for the KD baseline; 0 = not stored."""
+    """Teacher top-k next-token log-probs stored for the KD baseline (0 = not stored)."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     dtype: Literal["auto", "float32", "bfloat16", "bf16-above-hook"] = "auto"
-    """float32 (= auto): exact; bfloat16: bf16 autocast everywhere (fastest; changes ~20% of label sets);
-    bf16-above-hook: fp32 up to the hook (exact SAE code), bf16 above it and in the backward (~10%)."""
+    """auto = float32 (exact); bfloat16 / bf16-above-hook are faster on GPU but change 20% / 10% of label sets
+    (bfloat16: autocast everywhere; bf16-above-hook: fp32 up to the hook, bf16 above it and in the backward)."""
     score_dtype: Literal["float16", "bfloat16"] = "float16"
     """Storage dtype of concept_scores."""
 
@@ -93,7 +94,7 @@ class RunnerConfig:
 
 
 def record_fields(seq_len: int, n_latents: int, cfg: RunnerConfig) -> dict[str, FieldSpec]:
-    """The per-window concept records (DESIGN.md table), in the order they are stored."""
+    """The per-window concept records (docs/data.md), in the order they are stored."""
     T, ids = seq_len, id_dtype(n_latents)
     fields = {
         "concept_ids": FieldSpec(ids, (T, cfg.k_attr)),
@@ -147,6 +148,39 @@ class BatchStats:
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "short": self.short, "valid_labels": self.valid_labels,
                 "nll_sum": round(self.nll_sum, 4)}
+
+
+def label_stats(m: Manifest) -> dict:
+    """Label statistics of a whole concept dataset, read back from its shards (the manifest's
+    ``stats.labels``): computed from the bytes, not summed from the workers' BatchStats, so a resumed
+    run reports exactly what an uninterrupted one does."""
+    counts = np.zeros(m.sae["n_latents"], dtype=np.int64)
+    tokens = short = valid = 0
+    nll = 0.0
+    spec = {k: m.fields[k] for k in ("concept_ids", "concept_scores", "teacher_nll")}
+    for split in m.splits.values():
+        for sh in split.shards:
+            part = sh.parts["concepts"]
+            r = open_shard(part.path, part.format, spec)
+            a = r.arrays()
+            scores = as_float32(a["concept_scores"], spec["concept_scores"].dtype)  # (n, T, K)
+            ok = scores != -np.inf
+            counts += np.bincount(a["concept_ids"][ok].astype(np.int64), minlength=len(counts))
+            tokens += scores.shape[0] * scores.shape[1]
+            short += int((~(scores > 0)).any(-1).sum())
+            valid += int(ok.sum())
+            nll += float(a["teacher_nll"].astype(np.float64).sum())
+            r.close()
+    p = counts[counts > 0] / max(1, counts.sum())
+    return {
+        "tokens": tokens,
+        "tokens_short": short,
+        "frac_short": round(short / max(1, tokens), 6),
+        "mean_valid_labels": round(valid / max(1, tokens), 4),
+        "teacher_mean_nll": round(nll / max(1, tokens), 4),
+        "latents_used": int((counts > 0).sum()),
+        "label_entropy_bits": round(float(-(p * np.log2(p)).sum()), 4),
+    }
 
 
 def resolve_device(device: str) -> torch.device:
@@ -300,16 +334,14 @@ class TeacherRunner:
                 if cfg.attribution == "preact_x_grad":
                     labels = attribution_labels(cfg.attribution, cfg.k_attr, g, mix_ids, mix_vals, sae.W_dec, pre)
                 else:
-                    all_ids = torch.arange(c.shape[1], device=c.device).expand_as(c)
-                    score = c if cfg.attribution == "activation" else (g @ sae.W_dec.float().T) * c
-                    labels = top_positive(all_ids, score, cfg.k_attr)
+                    labels = dense_code_labels(cfg.attribution, cfg.k_attr, g, c, sae.W_dec)
         return labels, mix_ids, mix_vals
 
     # -- the batch method ----------------------------------------------------------------------
 
     @torch.inference_mode(False)
     def run(self, windows: np.ndarray) -> tuple[dict[str, np.ndarray], BatchStats]:
-        """(B, T+1) token windows -> per-window records (DESIGN.md dtypes) and label statistics."""
+        """(B, T+1) token windows -> per-window records (docs/data.md dtypes) and label statistics."""
         if windows.ndim != 2 or windows.shape[1] < 2:
             raise ValueError(f"expected (B, T+1) token windows with T >= 1, got shape {windows.shape}")
         tokens = torch.from_numpy(windows.astype(np.int64)).to(self.device)
