@@ -1,4 +1,5 @@
-"""Shared fixtures: small real text, a tiny byte-level BPE tokenizer and a tiny random GPT-2 teacher.
+"""Shared fixtures: a tiny byte-level BPE tokenizer, a tiny random GPT-2 teacher, embedded Ray, and the
+stage-2 test data (token shards, two SAEs, a reference extraction). Plain helpers are in tests/helpers.py.
 
 Nothing here touches a hub: the tokenizer is trained on the spot from a slice of the OpenWebText
 sample (or a built-in paragraph when ../shared is absent), and the teacher is randomly initialised.
@@ -11,52 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import (
+    STAGE2_T,
+    all_bytes,
+    extract_config,
+    owt_documents,
+    random_sae,
+    write_corpus,
+)
+
 # Every Ray a test starts listens on 127.0.0.1 only (Ray otherwise swaps 127.0.0.1 for the machine's
-# routable address; NOTES.md). Read when `ray` is first imported, hence here; subprocesses inherit it.
+# routable address; docs/operations.md). Read when `ray` is first imported, hence here; subprocesses inherit it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-OWT = Path(__file__).resolve().parents[2] / "shared" / "data" / "owt-sample"
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
-    "language model concept sparse teacher student token window residual stream layer attention network training "
-    "data text city river government people year new first time world state school music water market"
-).split()
-
-
-def _synthetic_document(i: int) -> str:
-    import random
-
-    rng = random.Random(i)
-    lines = []
-    for _ in range(rng.randint(20, 60)):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
-        lines.append(" ".join(words).capitalize() + ".")
-        if rng.random() < 0.2:
-            lines.append("")
-    return "\n".join(lines).strip()
-
-
-def owt_documents(n: int, split: str = "valid") -> list[str]:
-    """The first ``n`` documents of the OpenWebText sample (synthetic text where it is absent)."""
-    path = OWT / f"owt_{split}.txt"
-    if not path.is_file():
-        return [_synthetic_document(i) for i in range(n)]
-    docs, cur = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.rstrip("\n") == "<|endoftext|>":
-                docs.append("".join(cur).rstrip("\n"))
-                cur = []
-                if len(docs) == n:
-                    break
-            else:
-                cur.append(line)
-    return docs
-
-
-def write_corpus(path: Path, docs: list[str]) -> Path:
-    path.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +81,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- stage 2 (test_extract*.py, test_stage2_ops.py)
+@pytest.fixture(scope="module")
+def stage2_data(tmp_path_factory, tiny_teacher_dir, ray_local) -> Path:
+    """Token shards (several, both splits) and two SAEs saved on disk; one copy per test module, so a
+    module's tests may write beside it."""
+    from pipeline.stage1 import TokenizeConfig
+    from pipeline.stage1 import run as tokenize
+    from sae import save_sae
+
+    root = tmp_path_factory.mktemp("extract")
+    # Seven documents of the OWT sample span >= 4 train shards (the resume test removes shard 3); synthetic
+    # text (no sample beside the checkout) tokenises shorter under the tiny tokenizer trained on it, so
+    # take documents until it does too.
+    for n in range(7, 50, 4):
+        corpus = write_corpus(root / "corpus.txt", [d[:900] for d in owt_documents(n)])
+        tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir), out=str(root / "tokens"),
+                                         seq_len=STAGE2_T, shard_mb=0.0012, val_fraction=0.3, overwrite=True))
+        if len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0:
+            break
+    assert len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0
+    save_sae(random_sae(d=64, c=300, k=8, layer=1, seed=1), root / "sae_a")
+    save_sae(random_sae(d=64, c=200, k=6, layer=0, seed=2), root / "sae_b")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage2_reference(stage2_data, tiny_teacher_dir) -> dict[str, bytes]:
+    """The concept shards' bytes of one uninterrupted stage-2 run over ``stage2_data`` (batch size 4)."""
+    from pipeline.extract import run
+
+    cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "ref"), batch_size=4)
+    run(cfg)
+    return all_bytes(cfg.concept_dir)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from common.corpus import CorpusConfig, CorpusStats, iter_documents, iter_pieces
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 
 def read(paths, **kw):

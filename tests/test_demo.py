@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recipes.demo import main
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
 

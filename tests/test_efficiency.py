@@ -11,7 +11,7 @@ import pytest
 
 from recipes import compare as cmp
 from recipes import efficiency as eff
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

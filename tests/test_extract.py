@@ -12,60 +12,28 @@ import pytest
 
 from pipeline.extract import ExtractConfig, main, run
 from pipeline.extract_runner import RunnerConfig, TeacherRunner
-from pipeline.stage1 import TokenizeConfig
-from pipeline.stage1 import run as tokenize
 from sae import save_sae
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
-from tests.conftest import owt_documents, write_corpus
-from tests.test_extract_runner import random_sae
+from tests.helpers import STAGE2_T as T
+from tests.helpers import all_bytes, extract_config, owt_documents, random_sae, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-T = 16
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_teacher_dir):
-    """Token shards (several, both splits) and two SAEs saved on disk."""
-    root = tmp_path_factory.mktemp("extract")
-    # Seven documents of the OWT sample span >= 4 train shards (the resume test removes shard 3); synthetic
-    # text (no sample beside the checkout) tokenises shorter under the tiny tokenizer trained on it, so
-    # take documents until it does too.
-    for n in range(7, 50, 4):
-        corpus = write_corpus(root / "corpus.txt", [d[:900] for d in owt_documents(n)])
-        tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir), out=str(root / "tokens"),
-                                         seq_len=T, shard_mb=0.0012, val_fraction=0.3, overwrite=True))
-        if len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0:
-            break
-    assert len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0
-    save_sae(random_sae(d=64, c=300, k=8, layer=1, seed=1), root / "sae_a")
-    save_sae(random_sae(d=64, c=200, k=6, layer=0, seed=2), root / "sae_b")
-    return root
-
-
-def config(data, teacher, **kw) -> ExtractConfig:
-    kw = {"tokens": str(data / "tokens"), "teacher": str(teacher), "sae": str(data / "sae_a"),
-          "out": str(data / "out"), "k_mix": 4, "k_kd": 2, "batch_size": 3, "ray_address": "local", **kw}
-    return ExtractConfig(**kw)
-
-
-def all_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.suffix == ".arrow"}
-
-
-def test_end_to_end_records_match_the_runner(data, tiny_teacher_dir):
-    cfg = config(data, tiny_teacher_dir, manifest=str(data / "out" / "a.json"))
+def test_end_to_end_records_match_the_runner(stage2_data, tiny_teacher_dir):
+    cfg = extract_config(stage2_data, tiny_teacher_dir, manifest=str(stage2_data / "out" / "a.json"))
     run(cfg)
-    m2 = load_manifest(data / "out" / "a.json")
+    m2 = load_manifest(stage2_data / "out" / "a.json")
     assert m2.kind == "concepts" and m2.stats["complete"] and m2.hook == {"layer": 1, "location": "resid_post"}
     assert m2.attribution["variant"] == "act_x_grad" and m2.sae["n_latents"] == 300
-    tm = load_manifest(data / "tokens")
+    tm = load_manifest(stage2_data / "tokens")
     assert {k: s.windows for k, s in m2.splits.items()} == {k: s.windows for k, s in tm.splits.items()}
     # Token shards are referenced, not copied; concept shards live in OUT/concepts/<manifest stem>/.
     sh = m2.splits["train"].shards[0]
     assert sh.parts["tokens"].path == tm.splits["train"].shards[0].parts["tokens"].path
-    assert sh.parts["concepts"].path.parent == (data / "out" / "concepts" / "a").resolve()
-    raw = json.loads((data / "out" / "a.json").read_text())
+    assert sh.parts["concepts"].path.parent == (stage2_data / "out" / "concepts" / "a").resolve()
+    raw = json.loads((stage2_data / "out" / "a.json").read_text())
     assert not raw["splits"]["train"]["shards"][0]["parts"]["tokens"]["path"].startswith("/")
     expected = {"tokens": ("uint16", (T + 1,)), "concept_ids": ("uint16", (T, 4)), "concept_scores": ("float16", (T, 4)),
                 "mix_ids": ("uint16", (T, 4)), "mix_vals": ("float16", (T, 4)), "kd_ids": ("int32", (T, 2)),
@@ -73,7 +41,7 @@ def test_end_to_end_records_match_the_runner(data, tiny_teacher_dir):
     assert {k: (v.dtype, v.shape) for k, v in m2.fields.items()} == expected
 
     # Every window's records equal a direct runner call on its tokens (same teacher, same SAE).
-    runner = TeacherRunner(RunnerConfig(teacher=str(tiny_teacher_dir), sae=str(data / "sae_a"), device="cpu",
+    runner = TeacherRunner(RunnerConfig(teacher=str(tiny_teacher_dir), sae=str(stage2_data / "sae_a"), device="cpu",
                                         k_mix=4, k_kd=2))
     short = 0
     for split in ("train", "val"):
@@ -92,8 +60,8 @@ def test_end_to_end_records_match_the_runner(data, tiny_teacher_dir):
     assert read_runs(cfg.concept_dir)[-1]["throughput"]["tokens_per_s"] > 0  # timings go to the run log
 
 
-def test_rerun_skips_and_swap_sae_writes_a_second_manifest(data, tiny_teacher_dir):
-    cfg_a = config(data, tiny_teacher_dir, manifest=str(data / "out" / "a.json"))
+def test_rerun_skips_and_swap_sae_writes_a_second_manifest(stage2_data, tiny_teacher_dir):
+    cfg_a = extract_config(stage2_data, tiny_teacher_dir, manifest=str(stage2_data / "out" / "a.json"))
     run(cfg_a)
     before = all_bytes(cfg_a.concept_dir)
     first = cfg_a.manifest_path.read_bytes()
@@ -102,11 +70,11 @@ def test_rerun_skips_and_swap_sae_writes_a_second_manifest(data, tiny_teacher_di
     assert "throughput" not in last and last["shards"]["to_do"] == 0 and last["outcome"] == "complete"
     assert cfg_a.manifest_path.read_bytes() == first and all_bytes(cfg_a.concept_dir) == before
 
-    cfg_b = config(data, tiny_teacher_dir, sae=str(data / "sae_b"), manifest=str(data / "out" / "b.json"),
+    cfg_b = extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"), manifest=str(stage2_data / "out" / "b.json"),
                    attribution="activation")
     mb = run(cfg_b)
     assert mb.sae["n_latents"] == 200 and mb.hook["layer"] == 0 and mb.attribution["variant"] == "activation"
-    ma = load_manifest(data / "out" / "a.json")  # still valid, untouched
+    ma = load_manifest(stage2_data / "out" / "a.json")  # still valid, untouched
     for m_ in (ma, mb):
         ds = open_split(m_, "train", verify="open")
         assert len(ds) == ma.splits["train"].windows
@@ -115,13 +83,13 @@ def test_rerun_skips_and_swap_sae_writes_a_second_manifest(data, tiny_teacher_di
 
     # The same manifest name with a different SAE is a different extraction: refused, nothing written.
     with pytest.raises(ValueError, match="different extraction"):
-        run(config(data, tiny_teacher_dir, sae=str(data / "sae_b"), manifest=str(data / "out" / "a.json")))
+        run(extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"), manifest=str(stage2_data / "out" / "a.json")))
     assert all_bytes(cfg_a.concept_dir) == before
 
 
-def test_corpus_runs_stage1_then_stage2(tmp_path, tiny_teacher_dir, data):
+def test_corpus_runs_stage1_then_stage2(tmp_path, tiny_teacher_dir, stage2_data):
     corpus = write_corpus(tmp_path / "c.txt", owt_documents(4))
-    argv = ["--corpus", str(corpus), "--teacher", str(tiny_teacher_dir), "--sae", str(data / "sae_a"),
+    argv = ["--corpus", str(corpus), "--teacher", str(tiny_teacher_dir), "--sae", str(stage2_data / "sae_a"),
             "--out", str(tmp_path / "o"), "--manifest", str(tmp_path / "o" / "owt.json"), "--seq-len", "16",
             "--k-mix", "0", "--ray-address", "local"]
     assert main(argv) == 0
@@ -137,12 +105,12 @@ def test_corpus_runs_stage1_then_stage2(tmp_path, tiny_teacher_dir, data):
     assert m2.splits["val"].extra["documents"] == 2 and m2.splits["train"].extra["documents"] == 4
 
 
-def test_bad_inputs_are_refused_before_any_work(data, tiny_teacher_dir, tmp_path, capsys):
+def test_bad_inputs_are_refused_before_any_work(stage2_data, tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "bad"
 
     def refused(match, **kw):
         with pytest.raises(ValueError, match=match):
-            run(config(data, kw.pop("teacher", tiny_teacher_dir), out=str(out), **kw))
+            run(extract_config(stage2_data, kw.pop("teacher", tiny_teacher_dir), out=str(out), **kw))
         assert not (out / "concepts").exists()
 
     wide = random_sae(d=32, c=100, k=8, layer=0)
@@ -150,7 +118,7 @@ def test_bad_inputs_are_refused_before_any_work(data, tiny_teacher_dir, tmp_path
     refused("d_in 32 != teacher width 64", sae=str(tmp_path / "wide"))
     refused("out of range", layer=7)
     with pytest.raises(ValueError, match="--val-corpus goes with --corpus"):
-        config(data, tiny_teacher_dir, out=str(out), val_corpus=["v.txt"])
+        extract_config(stage2_data, tiny_teacher_dir, out=str(out), val_corpus=["v.txt"])
     refused("--k-attr 9 > SAE k 8", k_attr=9)
     refused("--k-mix 16 > SAE k 8", k_mix=16)
     refused("does not exist", sae=str(tmp_path / "nope"))
@@ -164,8 +132,8 @@ def test_bad_inputs_are_refused_before_any_work(data, tiny_teacher_dir, tmp_path
     refused("tokenizer mismatch", teacher=str(other_tok))
     with pytest.raises(ValueError, match="exactly one of"):
         ExtractConfig(teacher="t", sae="s", out="o")
-    assert main(["--tokens", str(data / "tokens"), "--teacher", str(tiny_teacher_dir), "--sae",
-                 str(data / "sae_a"), "--out", str(out), "--k-attr", "0", "--ray-address", "local"]) == 2
+    assert main(["--tokens", str(stage2_data / "tokens"), "--teacher", str(tiny_teacher_dir), "--sae",
+                 str(stage2_data / "sae_a"), "--out", str(out), "--k-attr", "0", "--ray-address", "local"]) == 2
     assert "--k-attr must be >= 1" in capsys.readouterr().err
 
 

@@ -10,9 +10,7 @@ import pytest
 
 from pipeline.extract import run
 from shards import load_manifest
-from tests.test_extract import all_bytes, config
-from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
-from tests.test_extract_resume import reference as reference  # noqa: F401
+from tests.helpers import all_bytes, extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -39,12 +37,12 @@ def _descendants_running(name: str) -> list[int]:
     return found
 
 
-def test_dead_worker_is_retried(data, tiny_teacher_dir, reference, caplog):  # noqa: F811
+def test_dead_worker_is_retried(stage2_data, tiny_teacher_dir, stage2_reference, caplog):
     """SIGKILL of the worker process in the middle of a shard: Ray restarts the actor, the driver
     resubmits the shard, and the output is the same as an uninterrupted run."""
     import threading
 
-    cfg = config(data, tiny_teacher_dir, out=str(data / "deadworker"), batch_size=1)
+    cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "deadworker"), batch_size=1)
     killed: list[int] = []
 
     def killer():
@@ -67,4 +65,4 @@ def test_dead_worker_is_retried(data, tiny_teacher_dir, reference, caplog):  # n
     t.join()
     assert killed, "no busy worker was found to kill"
     assert any("worker died" in r.getMessage() for r in caplog.records)
-    assert m.stats["complete"] and all_bytes(cfg.concept_dir) == reference
+    assert m.stats["complete"] and all_bytes(cfg.concept_dir) == stage2_reference

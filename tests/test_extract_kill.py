@@ -14,20 +14,18 @@ import pytest
 from pipeline.extract import run
 from shards import load_manifest
 from shards.runlog import read_runs
-from tests.test_extract import all_bytes, config
-from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
-from tests.test_extract_resume import reference as reference  # noqa: F401
+from tests.helpers import all_bytes, extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("k", [2])
-def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference):  # noqa: F811
+def test_kill_9_of_the_driver_then_rerun(k, stage2_data, tiny_teacher_dir, stage2_reference):
     """The real thing: `python pipeline/extract.py` killed with SIGKILL (with its embedded Ray) once the
     manifest lists k shards; the same command again writes the bytes of an uninterrupted run, manifest
     included, and leaves no temporary anywhere under OUT."""
-    cfg = config(data, tiny_teacher_dir, out=str(data / f"killed-{k}"), batch_size=1)
+    cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / f"killed-{k}"), batch_size=1)
     argv = [sys.executable, str(REPO / "pipeline" / "extract.py"), "--tokens", cfg.tokens, "--teacher", cfg.teacher,
             "--sae", cfg.sae, "--out", cfg.out, "--k-mix", "4", "--k-kd", "2", "--batch-size", "1",
             "--ray-address", "local"]
@@ -52,7 +50,7 @@ def test_kill_9_of_the_driver_then_rerun(k, data, tiny_teacher_dir, reference): 
         proc.wait()
     assert killed_mid_run, "the run ended before it could be killed (or never wrote a shard)"
     m = run(cfg)
-    assert all_bytes(cfg.concept_dir) == reference
-    assert cfg.manifest_path.read_bytes() == (data / "ref" / "concepts.json").read_bytes()
+    assert all_bytes(cfg.concept_dir) == stage2_reference
+    assert cfg.manifest_path.read_bytes() == (stage2_data / "ref" / "concepts.json").read_bytes()
     assert not [p for p in Path(cfg.out).rglob("*") if ".tmp" in p.name]
     assert 0 < read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] < sum(s.tokens for s in m.splits.values())

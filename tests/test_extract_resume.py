@@ -7,37 +7,29 @@ import pytest
 from pipeline.extract import run
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
-from tests.test_extract import all_bytes, config
-from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
+from tests.helpers import all_bytes, extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-@pytest.fixture(scope="module")
-def reference(data, tiny_teacher_dir):  # noqa: F811
-    cfg = config(data, tiny_teacher_dir, out=str(data / "ref"), batch_size=4)
-    run(cfg)
-    return all_bytes(cfg.concept_dir)
-
-
-def test_independent_of_batch_size_and_workers(data, tiny_teacher_dir, reference):  # noqa: F811
-    cfg = config(data, tiny_teacher_dir, out=str(data / "two"), batch_size=1, num_workers=2)
+def test_independent_of_batch_size_and_workers(stage2_data, tiny_teacher_dir, stage2_reference):
+    cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "two"), batch_size=1, num_workers=2)
     run(cfg)
     assert read_runs(cfg.concept_dir)[-1]["throughput"]["num_workers"] == 2
-    assert all_bytes(cfg.concept_dir) == reference and len(reference) >= 5
+    assert all_bytes(cfg.concept_dir) == stage2_reference and len(stage2_reference) >= 5
 
 
-def test_zarr_holds_the_same_records(data, tiny_teacher_dir):  # noqa: F811
-    z = run(config(data, tiny_teacher_dir, out=str(data / "zarr"), format="zarr", batch_size=7))
-    a = load_manifest(data / "ref" / "concepts.json")
+def test_zarr_holds_the_same_records(stage2_data, tiny_teacher_dir):
+    z = run(extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "zarr"), format="zarr", batch_size=7))
+    a = load_manifest(stage2_data / "ref" / "concepts.json")
     for split in ("train", "val"):
         dz, da = open_split(z, split, verify="open"), open_split(a, split)
         bz, ba = dz.get_batch(range(len(dz))), da.get_batch(range(len(da)))
         assert all(bz[k].tobytes() == ba[k].tobytes() for k in ba)
 
 
-def test_resume_after_a_crash_redoes_only_what_is_missing(data, tiny_teacher_dir, reference):  # noqa: F811
-    cfg = config(data, tiny_teacher_dir, out=str(data / "crash"), batch_size=3)
+def test_resume_after_a_crash_redoes_only_what_is_missing(stage2_data, tiny_teacher_dir, stage2_reference):
+    cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "crash"), batch_size=3)
     run(cfg)
     # Rebuild the state a crash leaves: the manifest lists only the first two train shards; shard 2 was
     # renamed into place but never recorded; shard 3 was never written; a listed shard is corrupted;
@@ -57,9 +49,9 @@ def test_resume_after_a_crash_redoes_only_what_is_missing(data, tiny_teacher_dir
     (cfg.concept_dir / ".train-00004.arrow.tmp-deadbeef").write_bytes(b"partial")
 
     m2 = run(cfg)
-    assert all_bytes(cfg.concept_dir) == reference
+    assert all_bytes(cfg.concept_dir) == stage2_reference
     assert not list(cfg.concept_dir.glob(".*tmp*"))
-    full = load_manifest(data / "ref" / "concepts.json")
+    full = load_manifest(stage2_data / "ref" / "concepts.json")
     redo = full.splits["train"].windows - sum(s.windows for s in kept) + full.splits["val"].shards[0].windows
     assert read_runs(cfg.concept_dir)[-1]["throughput"]["tokens"] == redo * m.seq_len
     assert m2.stats["complete"] and m2.stats["labels"] == full.stats["labels"]

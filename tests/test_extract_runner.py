@@ -7,7 +7,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.attribution import dense_attribution
 from pipeline.extract_runner import RunnerConfig, TeacherRunner, record_fields
-from sae import HookSpec, SparseAutoencoder
+from sae import HookSpec
+from tests.helpers import random_sae
 
 V, D, C, K_SAE, LAYER, T = 97, 64, 256, 8, 0, 24
 
@@ -16,17 +17,6 @@ def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=D, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
-
-
-def random_sae(d=D, c=C, k=K_SAE, layer=LAYER, seed=1, normalize="layernorm"):
-    g = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(d, c, activation="topk", k=k, normalize=normalize, hook=HookSpec(layer, "resid_post"))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(c, d, generator=g) / d**0.5)
-        sae.b_enc.copy_(torch.randn(c, generator=g) * 0.3 - 0.2)  # some TopK values clip to 0
-        sae.W_dec.copy_(torch.randn(c, d, generator=g) / d**0.5)
-        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
-    return sae
 
 
 def windows(n=5, seed=2):

@@ -32,8 +32,7 @@ from pipeline.stage1 import TokenizeConfig
 from pipeline.stage1 import run as tokenize
 from sae import save_sae
 from shards import load_manifest
-from tests.conftest import owt_documents, write_corpus
-from tests.test_extract_runner import random_sae
+from tests.helpers import owt_documents, random_sae, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = os.path.dirname(sys.executable)  # not resolved: a venv's python is a link to the base one

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sae import HookSpec, load_sae
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 SMALL = ["--n-latents", "64", "--k", "4", "--seq-len", "32", "--batch-size", "128", "--buffer-tokens", "512",
          "--threads", "1", "--warmup-steps", "2", "--max-tokens", "1024", "--checkpoint-every", "4"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sae import load_sae
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "sae"

@@ -12,7 +12,7 @@ import torch
 from sae import HookSpec, capture_residual, load_sae, resolve_block, run_until_hook
 from sae.hooks import hidden_size, n_layers
 from sae.model import fraction_of_variance_unexplained
-from tests.test_sae_utils import tiny_teacher, write_corpus
+from tests.helpers import tiny_teacher, write_word_corpus
 
 torch.set_num_threads(1)  # shared 2-core machines: oversubscribed OpenMP threads stall everything
 
@@ -25,7 +25,7 @@ TRAIN_ARGS = ["--layer", "1", "--n-latents", "256", "--k", "16", "--seq-len", "6
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return tiny_teacher(root / "teacher"), write_corpus(root / "corpus.txt")
+    return tiny_teacher(root / "teacher"), write_word_corpus(root / "corpus.txt")
 
 
 # ------------------------------------------------------------------------ hooks
@@ -108,7 +108,7 @@ def _held_out_fvu(sae_dir: Path, teacher: Path, tmp_path: Path) -> float:
     from common.teacher import load_teacher, load_tokenizer, separator_token_id
     from sae.data import iter_corpus_windows, teacher_activations
 
-    corpus = write_corpus(tmp_path / "held_out.txt", n_docs=10, seed=1)  # documents not trained on
+    corpus = write_word_corpus(tmp_path / "held_out.txt", n_docs=10, seed=1)  # documents not trained on
     tok = load_tokenizer(str(teacher))
     windows = list(iter_corpus_windows([str(corpus)], tok, 64, separator_token_id(tok)))[:16]
     model = load_teacher(str(teacher))

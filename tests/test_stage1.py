@@ -8,7 +8,7 @@ import pytest
 from pipeline.stage1 import TokenizeConfig, in_val, main, run
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 T = 64

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.stage1 import TokenizeConfig, run
 from shards.runlog import read_runs
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 64

@@ -21,16 +21,14 @@ from pipeline import extract_driver
 from pipeline.extract import main, run
 from shards import checksum, load_manifest
 from shards.runlog import read_runs
-from tests.test_extract import all_bytes, config
-from tests.test_extract import data as data  # noqa: F401  (the module-scoped fixture)
-from tests.test_extract_resume import reference as reference  # noqa: F401
+from tests.helpers import all_bytes, extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def argv_of(data, teacher, out, *extra: str) -> list[str]:  # noqa: F811
-    return ["--tokens", str(data / "tokens"), "--teacher", str(teacher), "--sae", str(data / "sae_a"), "--out", str(out),
+def argv_of(stage2_data, teacher, out, *extra: str) -> list[str]:
+    return ["--tokens", str(stage2_data / "tokens"), "--teacher", str(teacher), "--sae", str(stage2_data / "sae_a"), "--out", str(out),
             "--k-mix", "4", "--k-kd", "2", "--batch-size", "3", "--ray-address", "local", *extra]
 
 
@@ -72,52 +70,52 @@ FOREIGN = {
 
 @pytest.mark.parametrize("kind", sorted(FOREIGN))
 @pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
-def test_manifest_path_holding_a_user_file_is_refused(kind, overwrite, data, tiny_teacher_dir, tmp_path, capsys):  # noqa: F811
+def test_manifest_path_holding_a_user_file_is_refused(kind, overwrite, stage2_data, tiny_teacher_dir, tmp_path, capsys):
     blob, what = FOREIGN[kind]
     target = tmp_path / "mine.json"
     target.write_bytes(blob)
     extra = ["--manifest", str(target)] + (["--overwrite"] if overwrite else [])
-    rc, _, err = cli(argv_of(data, tiny_teacher_dir, tmp_path / "out", *extra), capsys)
+    rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", *extra), capsys)
     line = one_error(rc, err)
     assert what in line and str(target) in line and "--overwrite" not in line  # never offered for a user's file
     assert "--manifest " + str(tmp_path / "mine-2.json") in line  # the exact command to continue
     assert target.read_bytes() == blob and not (tmp_path / "out").exists()
 
 
-def test_manifest_path_holding_a_token_manifest_is_refused(data, tiny_teacher_dir, tmp_path, capsys):  # noqa: F811
-    tokens = data / "tokens" / "manifest.json"
+def test_manifest_path_holding_a_token_manifest_is_refused(stage2_data, tiny_teacher_dir, tmp_path, capsys):
+    tokens = stage2_data / "tokens" / "manifest.json"
     before = tokens.read_bytes()
     for extra in ([], ["--overwrite"]):
-        rc, _, err = cli(argv_of(data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(tokens), *extra), capsys)
+        rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(tokens), *extra), capsys)
         line = one_error(rc, err)
         assert "tokens manifest" in line and "--overwrite" not in line
     assert tokens.read_bytes() == before
 
 
 def test_damaged_or_other_extraction_manifest_is_refused_then_replaced_with_overwrite(
-        data, tiny_teacher_dir, reference, tmp_path, capsys):  # noqa: F811
-    ref = load_manifest(data / "ref" / "concepts.json")
+        stage2_data, tiny_teacher_dir, stage2_reference, tmp_path, capsys):
+    ref = load_manifest(stage2_data / "ref" / "concepts.json")
     # A damaged cocomix manifest (it could be the user's edit): refused, not "rewritten"; --overwrite may replace it.
     damaged = tmp_path / "d.json"
-    raw = json.loads((data / "ref" / "concepts.json").read_text())
+    raw = json.loads((stage2_data / "ref" / "concepts.json").read_text())
     raw["splits"]["train"]["windows"] += 1
     damaged.write_text(json.dumps(raw))
     before = damaged.read_bytes()
-    rc, _, err = cli(argv_of(data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(damaged)), capsys)
+    rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(damaged)), capsys)
     line = one_error(rc, err)
     assert "damaged cocomix manifest" in line and "--overwrite" in line and damaged.read_bytes() == before
     # Another extraction's manifest: refused naming the settings that differ.
     other = tmp_path / "o.json"
-    shutil.copy(data / "ref" / "concepts.json", other)
-    rc, _, err = cli(argv_of(data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(other), "--attribution",
+    shutil.copy(stage2_data / "ref" / "concepts.json", other)
+    rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(other), "--attribution",
                              "activation"), capsys)
     line = one_error(rc, err)
     assert "different extraction" in line and "attribution (there: act_x_grad, this run: activation)" in line
-    assert "--overwrite" in line and other.read_bytes() == (data / "ref" / "concepts.json").read_bytes()
+    assert "--overwrite" in line and other.read_bytes() == (stage2_data / "ref" / "concepts.json").read_bytes()
     # --overwrite replaces a cocomix manifest (never a user's file), relative --out: absolute paths printed.
     os.chdir(tmp_path)
     try:
-        rc, out, err = cli(argv_of(data, tiny_teacher_dir, "rel", "--manifest", "d.json", "--overwrite"), capsys)
+        rc, out, err = cli(argv_of(stage2_data, tiny_teacher_dir, "rel", "--manifest", "d.json", "--overwrite"), capsys)
     finally:
         os.chdir(REPO)
     assert rc == 0, err
@@ -130,12 +128,12 @@ def test_damaged_or_other_extraction_manifest_is_refused_then_replaced_with_over
 # -- --overwrite removes only what stage 2 wrote ---------------------------------------------------
 
 
-def test_overwrite_removes_only_what_stage2_wrote(data, tiny_teacher_dir, reference, tmp_path, capsys):  # noqa: F811
+def test_overwrite_removes_only_what_stage2_wrote(stage2_data, tiny_teacher_dir, stage2_reference, tmp_path, capsys):
     out = tmp_path / "out"
-    shutil.copytree(data / "ref", out)  # a finished extraction: OUT/concepts.json + OUT/concepts/concepts/
+    shutil.copytree(stage2_data / "ref", out)  # a finished extraction: OUT/concepts.json + OUT/concepts/concepts/
     cdir = out / "concepts" / "concepts"
     (out / "my-notes.txt").write_text("keep me")  # beside the manifest: never touched
-    argv = argv_of(data, tiny_teacher_dir, out, "--attribution", "activation")
+    argv = argv_of(stage2_data, tiny_teacher_dir, out, "--attribution", "activation")
     rc, _, err = cli(argv, capsys)
     line = one_error(rc, err)
     assert "different extraction" in line and "attribution" in line and "--overwrite" in line
@@ -160,15 +158,15 @@ def test_overwrite_removes_only_what_stage2_wrote(data, tiny_teacher_dir, refere
 # -- item 7: deterministic manifests, no temporaries --------------------------------------------------
 
 
-def test_interrupted_runs_write_the_same_manifest_bytes(data, tiny_teacher_dir, reference):  # noqa: F811
+def test_interrupted_runs_write_the_same_manifest_bytes(stage2_data, tiny_teacher_dir, stage2_reference):
     """Interrupted after k shards (the state a kill leaves: a manifest listing k shards, a shard renamed
     but unlisted, temporaries in OUT and the concept directory), then the same command: the manifest and
     every shard are the bytes of an uninterrupted run, and no temporary survives."""
-    ref_manifest = (data / "ref" / "concepts.json").read_bytes()
+    ref_manifest = (stage2_data / "ref" / "concepts.json").read_bytes()
     assert b"created" not in ref_manifest and b"wall_s" not in ref_manifest and b"throughput" not in ref_manifest
-    for k in (2, 5):  # OUT beside data/ref, so the token shards' relative paths match too
-        cfg = config(data, tiny_teacher_dir, out=str(data / f"interrupted-{k}"), batch_size=2)
-        shutil.copytree(data / "ref", cfg.out)  # a finished run, cut back below to what a kill after k shards leaves
+    for k in (2, 5):  # OUT beside stage2_data/ref, so the token shards' relative paths match too
+        cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / f"interrupted-{k}"), batch_size=2)
+        shutil.copytree(stage2_data / "ref", cfg.out)  # a finished run, cut back below to what a kill after k shards leaves
         (cfg.concept_dir / "runs.jsonl").unlink(missing_ok=True)
         m = load_manifest(cfg.manifest_path)
         shards = [(name, sh) for name, s in m.splits.items() for sh in s.shards]
@@ -182,7 +180,7 @@ def test_interrupted_runs_write_the_same_manifest_bytes(data, tiny_teacher_dir, 
         (cfg.manifest_path.parent / ".concepts.json.tmp-89abcdef").write_text("{")
         run(cfg)
         assert cfg.manifest_path.read_bytes() == ref_manifest, k
-        assert all_bytes(cfg.concept_dir) == reference
+        assert all_bytes(cfg.concept_dir) == stage2_reference
         assert not no_temporaries(Path(cfg.out))
         assert [r["shards"]["verified"] for r in read_runs(cfg.concept_dir)] == [k]
 
@@ -191,8 +189,8 @@ def test_interrupted_runs_write_the_same_manifest_bytes(data, tiny_teacher_dir, 
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
-def test_damaged_token_shard_stops_before_any_work(damage, data, tiny_teacher_dir, tmp_path, capsys):  # noqa: F811
-    shutil.copytree(data / "tokens", tmp_path / "tokens")
+def test_damaged_token_shard_stops_before_any_work(damage, stage2_data, tiny_teacher_dir, tmp_path, capsys):
+    shutil.copytree(stage2_data / "tokens", tmp_path / "tokens")
     tm = load_manifest(tmp_path / "tokens")
     victim = tm.splits["val"].shards[-1].parts["tokens"].path  # the last one: workers would do the others first
     blob = bytearray(victim.read_bytes())
@@ -203,7 +201,7 @@ def test_damaged_token_shard_stops_before_any_work(damage, data, tiny_teacher_di
         victim.write_bytes(bytes(blob[:-8]))
     else:
         victim.unlink()
-    argv = argv_of(data, tiny_teacher_dir, tmp_path / "out")
+    argv = argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out")
     argv[1] = str(tmp_path / "tokens")
     rc, _, err = cli(argv, capsys)
     assert not (tmp_path / "out").exists()  # no manifest, no concept directory: no worker ever started
@@ -227,7 +225,7 @@ def test_token_verification_cost(tmp_path):
 # -- --out / --manifest that cannot be written ----------------------------------------------------------
 
 
-def test_out_and_manifest_that_cannot_be_directories(data, tiny_teacher_dir, tmp_path, capsys):  # noqa: F811
+def test_out_and_manifest_that_cannot_be_directories(stage2_data, tiny_teacher_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     cases = {
@@ -237,7 +235,7 @@ def test_out_and_manifest_that_cannot_be_directories(data, tiny_teacher_dir, tmp
         "manifest is a directory": ([str(tmp_path / "o2")], ["--manifest", str(tmp_path)], "is a directory"),
     }
     for name, (out, extra, what) in cases.items():
-        rc, _, err = cli(argv_of(data, tiny_teacher_dir, out[0], *extra), capsys)
+        rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, out[0], *extra), capsys)
         line = one_error(rc, err)
         assert what in line, (name, line)
     assert afile.read_text() == "mine" and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
@@ -257,11 +255,11 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_full_disk_is_one_error_and_a_rerun_completes(data, tiny_teacher_dir, reference, small_disk, capsys,  # noqa: F811
+def test_full_disk_is_one_error_and_a_rerun_completes(stage2_data, tiny_teacher_dir, stage2_reference, small_disk, capsys,
                                                       monkeypatch):
     out = small_disk / "out"
-    argv = argv_of(data, tiny_teacher_dir, out)
-    need = sum(len(b) for b in reference.values())
+    argv = argv_of(stage2_data, tiny_teacher_dir, out)
+    need = sum(len(b) for b in stage2_reference.values())
     assert need > 48 * 1024, "the test data must not fit on the small disk"
     # Before any work: the shards cannot fit, nothing is created.
     rc, _, err = cli(argv, capsys)
@@ -280,8 +278,8 @@ def test_full_disk_is_one_error_and_a_rerun_completes(data, tiny_teacher_dir, re
                 assert checksum(sh.parts["concepts"].path) == sh.parts["concepts"].checksum
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     assert cli(argv, capsys)[0] == 0
-    assert all_bytes(out / "concepts" / "concepts") == reference
-    got, ref = load_manifest(out / "concepts.json"), load_manifest(data / "ref" / "concepts.json")
+    assert all_bytes(out / "concepts" / "concepts") == stage2_reference
+    got, ref = load_manifest(out / "concepts.json"), load_manifest(stage2_data / "ref" / "concepts.json")
     assert got.stats == ref.stats and [sh.parts["concepts"].checksum for s in got.splits.values() for sh in s.shards] == [
         sh.parts["concepts"].checksum for s in ref.splits.values() for sh in s.shards]
 
@@ -289,13 +287,13 @@ def test_full_disk_is_one_error_and_a_rerun_completes(data, tiny_teacher_dir, re
 # -- every user mistake: exit 2, one error line, no traceback --------------------------------------------
 
 
-def _mistakes(data, teacher, tmp: Path) -> dict[str, tuple[list[str], str]]:  # noqa: F811
+def _mistakes(stage2_data, teacher, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """Name -> (argv, a phrase the error line must hold)."""
     (tmp / "notes.json").write_text('{"mine": 1}')
     (tmp / "notes.txt").write_text("just text")
     (tmp / "afile").write_text("x")
     (tmp / "nomodel").mkdir(exist_ok=True)
-    base = argv_of(data, teacher, tmp / "out")
+    base = argv_of(stage2_data, teacher, tmp / "out")
 
     def with_(flag: str, *values: str) -> list[str]:
         i = base.index(flag)
@@ -305,7 +303,7 @@ def _mistakes(data, teacher, tmp: Path) -> dict[str, tuple[list[str], str]]:  # 
         i = base.index(flag)
         return base[:i] + base[i + 2:]
 
-    concept_manifest = str(data / "ref" / "concepts.json")
+    concept_manifest = str(stage2_data / "ref" / "concepts.json")
     return {
         "missing sae path": (with_("--sae", str(tmp / "no-sae")), "does not exist"),
         "sae is a text file": (with_("--sae", str(tmp / "notes.txt")), "notes.txt"),
@@ -347,28 +345,28 @@ MISTAKES = [
 ]
 
 
-def test_mistake_table_is_complete(data, tiny_teacher_dir, tmp_path):  # noqa: F811
-    assert sorted(_mistakes(data, tiny_teacher_dir, tmp_path)) == sorted(MISTAKES)
+def test_mistake_table_is_complete(stage2_data, tiny_teacher_dir, tmp_path):
+    assert sorted(_mistakes(stage2_data, tiny_teacher_dir, tmp_path)) == sorted(MISTAKES)
 
 
 @pytest.mark.parametrize("name", MISTAKES)
-def test_user_mistakes_are_one_error_line(name, data, tiny_teacher_dir, reference, tmp_path, capsys):  # noqa: F811
-    argv, phrase = _mistakes(data, tiny_teacher_dir, tmp_path)[name]
+def test_user_mistakes_are_one_error_line(name, stage2_data, tiny_teacher_dir, stage2_reference, tmp_path, capsys):
+    argv, phrase = _mistakes(stage2_data, tiny_teacher_dir, tmp_path)[name]
     rc, _, err = cli(argv, capsys)
     assert phrase in one_error(rc, err)
     assert not (tmp_path / "out").exists() and (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
 @pytest.mark.parametrize("case", ["unknown teacher", "batch size not a number", "tokens is a concept manifest"])
-def test_user_mistakes_in_the_real_cli(case, data, tiny_teacher_dir, reference, tmp_path):  # noqa: F811
+def test_user_mistakes_in_the_real_cli(case, stage2_data, tiny_teacher_dir, stage2_reference, tmp_path):
     """`python pipeline/extract.py` itself: stderr holds one error line and no traceback."""
     cases = {
         "unknown teacher": (["--teacher", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
         "batch size not a number": (["--batch-size", "abc"], "--batch-size"),
-        "tokens is a concept manifest": (["--tokens", str(data / "ref" / "concepts.json")], "concepts manifest"),
+        "tokens is a concept manifest": (["--tokens", str(stage2_data / "ref" / "concepts.json")], "concepts manifest"),
     }
     extra, phrase = cases[case]
-    argv = argv_of(data, tiny_teacher_dir, tmp_path / "out") + extra  # argparse: the last value wins
+    argv = argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out") + extra  # argparse: the last value wins
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     p = subprocess.run([sys.executable, str(REPO / "pipeline" / "extract.py"), *argv], capture_output=True, text=True,
                        env=env, timeout=300)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import owt_documents, write_corpus
+from tests.helpers import owt_documents, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
 T = 16
@@ -20,7 +20,7 @@ def concepts(tmp_path_factory, tiny_teacher_dir):
     from pipeline.stage1 import TokenizeConfig
     from pipeline.stage1 import run as tokenize
     from sae import save_sae
-    from tests.test_extract_runner import random_sae
+    from tests.helpers import random_sae
 
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus.txt", [d[:1500] for d in owt_documents(12)])
