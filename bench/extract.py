@@ -1,6 +1,7 @@
 """Benchmark stage 2: our extraction vs the reference method and vs a forward pass, and 1 vs 2 actors.
 
     python bench/extract.py --teacher smollm2-135m --sae /tmp/sae-smollm2-l9 --windows 4 --seq-len 512
+    python bench/extract.py --smoke --teacher DIR --layer 1   # 2 windows of 16 tokens: checks the script runs
 
 Measured in one run, on the same teacher, SAE and windows (real text when --corpus exists):
 (a) ours (TeacherRunner.run: forward, activation-only backward from the head to the hook, sparse
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python bench/extract.py` puts bench/ first on sys.path, not the checkout
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "owt-sample" / "owt_valid.txt"
 
 
@@ -177,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", action="store_true", help="also time the Ray pipeline with 1 vs 2 actors")
     p.add_argument("--actor-windows", type=int, default=16)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--smoke", action="store_true",
+                   help="a 128-latent random SAE, 2 windows of 16 tokens, 1 repeat: checks the script runs")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.latents, a.windows, a.seq_len, a.batch_size, a.reps, a.actor_windows = 128, 2, 16, 2, 1, 4
 
     from common.teacher import load_teacher
     from pipeline.extract_runner import RunnerConfig, TeacherRunner

@@ -3,6 +3,7 @@
     python bench/sae_speed.py                      # CPU, both shapes of the issue
     python bench/sae_speed.py --device cuda        # on a GPU
     python bench/sae_speed.py --teacher smollm2-135m --layer 9   # also: teacher activations to the hook
+    python bench/sae_speed.py --smoke [--teacher DIR --layer 1]   # one tiny shape: checks the script runs
 
 Paths compared (same SAE, same inputs, outputs checked equal before timing):
 - dense:  c = encode(x) (N, C) dense code, then x_hat = decode(c) = c @ W_dec (N, C) x (C, D)
@@ -95,7 +96,8 @@ def bench_codec(d: int, n: int, k: int, tokens: int, device: str, repeats: int) 
 
 
 def bench_train(d: int, n: int, k: int, batch: int, device: str, repeats: int) -> dict:
-    from sae.train import TrainConfig, auxk_loss, remove_parallel_grad
+    from sae.objective import auxk_loss, remove_parallel_grad
+    from sae.train_config import TrainConfig
 
     cfg = TrainConfig(teacher="bench", layer=0, corpus=["-"], out="-", n_latents=n, k=k, batch_size=batch,
                       buffer_tokens=2 * batch, max_tokens=10 * batch)
@@ -152,10 +154,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--teacher", default=None, help="also time teacher activations to the hook (e.g. smollm2-135m)")
     p.add_argument("--layer", type=int, default=9)
+    p.add_argument("--smoke", action="store_true", help="one tiny shape, 2 repeats, 32-token teacher windows: checks the script runs")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [(576, 4608, 32), (768, 32768, 32)]
+    seq_len = 512
+    if args.smoke:
+        shapes, seq_len = [(64, 256, 8)], 32
+        args.tokens, args.batch, args.repeats = 128, 64, 2
     print(f"device={args.device} threads={torch.get_num_threads()} tokens/call={args.tokens} batch={args.batch}")
     print("\nencode + decode (tokens/s, median of repeats)")
     print(f"{'shape':<24}{'dense':>12}{'sparse':>12}{'ratio':>8}   {'enc dense':>12}{'enc topk':>12}")
@@ -168,7 +175,7 @@ def main() -> None:
         r = bench_train(d, n, k, args.batch, args.device, max(2, args.repeats // 2))
         print(f"{r['shape']:<24}{r['train_tok_s']:>12.0f}")
     if args.teacher:
-        r = bench_teacher(args.teacher, args.layer, args.device, max(2, args.repeats // 2))
+        r = bench_teacher(args.teacher, args.layer, args.device, max(2, args.repeats // 2), seq_len=seq_len)
         print(f"\nteacher {r['teacher']} activations at layer {r['layer']} (tokens/s)")
         print(f"{'full forward':<24}{r['full_forward_tok_s']:>12.0f}")
         print(f"{'stop after hook block':<24}{r['stop_at_hook_tok_s']:>12.0f}{r['speedup']:>7.2f}x")

@@ -3,6 +3,7 @@ and stage 1's peak memory on a single huge document.
 
     python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512]
     python bench/stage1.py --memory 20 50 [--code OTHER_CHECKOUT]
+    python bench/stage1.py --smoke --tokenizer DIR   # a small generated corpus: checks the script runs
 
 Tokens/s counts documents' tokens plus EOS, from the first batch to the last window written (the
 driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is included), as
@@ -76,6 +77,15 @@ def memory(sizes: list[float], tokenizer: str, seq_len: int, code: Path) -> None
                 continue
             print(f"{mb:>8g} MB {int(peak[-1].split()[1]) / 1024:12,.0f} {time.perf_counter() - t:8.1f}")
 
+def smoke_corpus(path: Path, docs: int = 40) -> Path:
+    """A small corpus of random words, documents separated by <|endoftext|> lines (``--smoke``)."""
+    rng = random.Random(0)
+    words = "the of and to in a is that for it language model concept sparse teacher student token".split()
+    path.write_text("".join(" ".join(rng.choice(words) for _ in range(rng.randint(50, 150))) + "\n<|endoftext|>\n"
+                            for _ in range(docs)), encoding="utf-8")
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", nargs="+", default=[str(DEFAULT)])
@@ -83,17 +93,25 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--memory", type=float, nargs="+", metavar="MB", help="peak RSS on one-line documents of these sizes")
     p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1], help="checkout whose stage 1 --memory runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="a small generated corpus, seq-len 32, the plain loop only: checks the script runs")
     a = p.parse_args()
     if a.memory:
         memory(a.memory, a.tokenizer, a.seq_len, a.code)
         return
     logging.basicConfig(level=logging.WARNING)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, in every variant
-    init_ray("local")
+    variants = [("plain loop (no Ray)", {"in_process": True}), ("Ray, 1 actor", {"num_workers": 1}),
+                ("Ray, 2 actors", {"num_workers": 2})]
+    if a.smoke:  # the plain loop only: starting Ray alone takes ~15 s here (stage 1 on Ray: tests/test_stage1.py)
+        variants = variants[:1]
+    else:
+        init_ray("local")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in [("plain loop (no Ray)", {"in_process": True}), ("Ray, 1 actor", {"num_workers": 1}),
-                         ("Ray, 2 actors", {"num_workers": 2})]:
+        if a.smoke:
+            a.corpus, a.seq_len = [str(smoke_corpus(Path(tmp) / "smoke.txt"))], 32
+        for name, kw in variants:
             out = f"{tmp}/{len(rows)}"
             m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=out, seq_len=a.seq_len, **kw))
             sums = [pt.checksum for s in m.splits.values() for sh in s.shards for pt in sh.parts.values()]
@@ -103,7 +121,8 @@ def main() -> None:
     print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs\n{'variant':22s} {'tokens/s':>10s} {'wall s':>8s} {'vs plain':>9s}")
     for name, tps, wall, _ in rows:
         print(f"{name:22s} {tps:10,.0f} {wall:8.1f} {tps / base:8.2f}x")
-    print(f"2 actors vs 1 actor: {rows[2][1] / rows[1][1]:.2f}x")
+    if len(rows) == 3:
+        print(f"2 actors vs 1 actor: {rows[2][1] / rows[1][1]:.2f}x")
     assert all(r[3] == rows[0][3] for r in rows), "shards differ between variants"
     print("shards byte-identical across variants: yes")
 

@@ -1,6 +1,7 @@
 """Random window reads: Arrow (mmap) vs Zarr (raw, zstd) vs zarr-python per window vs a raw memmap.
 
     python bench/store.py [--windows 10000] [--reads 10000] [--dir /tmp/cocomix-bench-store]
+    python bench/store.py --smoke     # a few windows in a fresh temporary directory: checks the script runs
 
 Each store holds the same windows (513 tokens + 512x4 concept ids + 512x4 scores, the labels-only
 record of DESIGN.md); every read copies the window into a batch buffer, as the trainer does.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +59,11 @@ def main() -> None:
     p.add_argument("--reads", type=int, default=10_000)
     p.add_argument("--zarr-python-reads", type=int, default=500, help="fewer: ~1 ms each")
     p.add_argument("--dir", default="/tmp/cocomix-bench-store")
+    p.add_argument("--smoke", action="store_true", help="64 windows in a fresh temporary directory: checks the script runs")
     a = p.parse_args()
+    if a.smoke:  # tests/test_bench.py: never the shared default --dir, which this bench empties
+        a.windows, a.reads, a.zarr_python_reads = 64, 64, 8
+        a.dir = tempfile.mkdtemp(prefix="cocomix-bench-store-")
     root = Path(a.dir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

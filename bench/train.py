@@ -12,6 +12,7 @@
 
     python bench/train.py                         # CPU, shapes / 4, a few minutes
     python bench/train.py --scale 1 --device cuda --batch 8   # the paper's shapes on a GPU
+    python bench/train.py --smoke                 # shapes / 16, one timed step: checks the script runs
 
 Only this bench imports transformers (for the reference teacher); the trainer never does.
 """
@@ -166,7 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the students")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="shapes / 16, batch 2, one timed step, short loader runs: "
+                   "checks the script runs")
     a = p.parse_args(argv)
+    loader_s, loader_steps = 2.0, 400
+    if a.smoke:
+        a.scale, a.batch, a.iters, a.warmup = 16, 2, 1, 1
+        loader_s, loader_steps = 0.2, 20
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -237,12 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         # (c) loader vs consumption -------------------------------------------------------------
         n = 0
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:
+        while time.perf_counter() - t0 < loader_s:
             src[n]
             n += 1
         inproc = n * B / (time.perf_counter() - t0)
         big = StepBatches(ds, StepSampler(len(ds), 32, seed=0), fields, dtypes, vocab_size=s["V"], n_concepts=s["C"])
-        loader = step_loader(big, 0, 400, workers=2)
+        loader = step_loader(big, 0, loader_steps, workers=2)
         t0 = time.perf_counter()
         k = 0
         for _ in loader:

@@ -726,14 +726,3 @@ def test_generate_cli_subprocess_reports_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "trainer.generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-
-
-# -- bench/verify.py in its smoke mode -------------------------------------------------------------
-
-
-def test_bench_verify_smoke(tmp_path):
-    r = subprocess.run([sys.executable, "bench/verify.py", "--smoke", "--dir", str(tmp_path / "b")], env=ENV, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "GB/s" in r.stdout and "s/GB" in r.stdout and "10B tokens" in r.stdout
-    assert not (tmp_path / "b").exists()  # the bench removes what it wrote
