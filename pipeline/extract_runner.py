@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from common.device import resolve_device
 from common.teacher import load_teacher
 from pipeline.attribution import VARIANTS, Variant, attribution_labels, dense_code_labels
 from sae import HookSpec, load_sae, n_layers, resolve_block
@@ -181,16 +182,6 @@ def label_stats(m: Manifest) -> dict:
         "latents_used": int((counts > 0).sum()),
         "label_entropy_bits": round(float(-(p * np.log2(p)).sum()), 4),
     }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device(device)
 
 
 def check_compatible(sae, cfg: RunnerConfig, n_blocks: int, width: int) -> int:
