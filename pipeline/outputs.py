@@ -53,6 +53,19 @@ def command_line(prog: Sequence[str], cfg: Any, **changes: Any) -> str:
     return shlex.join(words)
 
 
+def is_cocomix_shard(path: Path) -> bool:
+    """Whether ``path`` is a shard part this project wrote (an Arrow file or Zarr group whose metadata
+    records our fields), judged by its content: a file that merely has a shard's name (a user's
+    ``train-00042.arrow``) is not ours, and ``--overwrite`` must never remove it."""
+    from shards import open_shard
+
+    try:
+        open_shard(path, "zarr" if path.is_dir() else "arrow").close()
+    except Exception:  # not Arrow / Zarr, or without our field metadata: somebody else's
+        return False
+    return True
+
+
 def shown_names(names: Sequence[str], limit: int = 8) -> str:
     """``a, b, c, ... (12 in all)``: the first ``limit`` names of a listing, for a one-line message."""
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.outputs import (
     check_writable_dir,
     inspect_file_target,
+    is_cocomix_shard,
     is_run_log,
     remove_entry,
     shown_names,
@@ -55,8 +56,8 @@ class OutDir:
 
 def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
     """Sort the entries of ``out``. Ours: a cocomix manifest.json, the settings file, temporaries of
-    our names, and shard names (``train-00000.arrow``, ``val-00003.zarr/``) beside our manifest or
-    settings file; ``manifest_copy`` (this run's ``--manifest``) is judged on its own. All else is foreign."""
+    our names, and shards (``train-00000.arrow``, ``val-00003.zarr/`` whose content is a cocomix shard:
+    pipeline.outputs.is_cocomix_shard) beside our manifest or settings file; ``manifest_copy`` (this run's ``--manifest``) is judged on its own. All else is foreign."""
     d = OutDir(out)
     if not out.is_dir():
         return d
@@ -75,7 +76,8 @@ def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
     for e in entries:
         n = e.name
         if (n == "manifest.json" and d.manifest is not None) or (n == SETTINGS_FILE and d.settings is not None) \
-                or _TEMPORARY.match(n) or (marked and _SHARD_NAME.match(n) and e.is_dir() == n.endswith(".zarr")):
+                or _TEMPORARY.match(n) or (marked and _SHARD_NAME.match(n) and e.is_dir() == n.endswith(".zarr")
+                                           and is_cocomix_shard(e)):
             d.ours.append(e)
         elif (n == RUN_LOG and is_run_log(e, "pipeline.stage1")) or (manifest_copy is not None and e.absolute() == manifest_copy):
             continue

@@ -100,6 +100,18 @@ def test_overwrite_removes_only_what_stage1_wrote(tmp_path, tiny_tokenizer_dir):
     assert (lone / "train-00000.arrow").read_bytes() == b"someone else's"
 
 
+def test_overwrite_keeps_a_user_file_named_like_a_shard(tmp_path, tiny_tokenizer_dir):
+    """Beside a dataset of ours, a file with a shard's name that is not a cocomix shard is the user's:
+    refused with or without --overwrite, never removed (it was deleted by name before)."""
+    out = tmp_path / "out"
+    run(cfg(tmp_path, tiny_tokenizer_dir))
+    (out / "train-00042.arrow").write_bytes(b"precious")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="did not write .*train-00042.arrow"):
+            run(cfg(tmp_path, tiny_tokenizer_dir, seed=3, overwrite=overwrite))
+    assert (out / "train-00042.arrow").read_bytes() == b"precious"
+
+
 def load_settings(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())["settings"]
 

@@ -205,11 +205,18 @@ def test_foreign_files_in_the_out_dir_are_never_replaced(data, tmp_path, capsys)
     rc, err = cli(args(data, out), capsys)
     assert rc == 2 and "not a trainer run record" in one_error(err)
     assert (out / "config.json").read_text() == '{"my": "own config"}'
-    # Unrelated files beside a run are fine and kept.
+    # A new run never starts among somebody else's files (it used to train beside them)...
     other = tmp_path / "o2"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert cli(args(data, other), capsys)[0] == 0 and (other / "notes.txt").read_text() == "mine"
+    rc, err = cli(args(data, other), capsys)
+    assert rc == 2 and "did not write (notes.txt)" in one_error(err) and sorted(os.listdir(other)) == ["notes.txt"]
+    # ...but a note the user adds beside a run of ours is kept, and the run is still recognised.
+    ours = tmp_path / "o3"
+    assert cli(args(data, ours), capsys)[0] == 0
+    (ours / "notes.txt").write_text("mine")
+    rc, err = cli(args(data, ours), capsys)
+    assert rc == 0 and "run complete" in err and (ours / "notes.txt").read_text() == "mine"
 
 
 # -- item 4: resume accepts exactly the same data -------------------------------------------------

@@ -23,6 +23,7 @@ from trainer import checkpoint
 RECORD = "config.json"
 METRICS = "metrics.jsonl"
 CKPT = "ckpt"
+OURS = (RECORD, METRICS, CKPT, "tb")  # every name a run writes in its out-dir
 
 
 def check_path(out: Path) -> None:
@@ -91,6 +92,14 @@ def inspect(out: Path) -> Existing | None:
     if (out / METRICS).exists():
         raise ValueError(f"--out-dir {str(out)!r} holds {METRICS} but no run record ({RECORD}): not a run this trainer "
                          "can continue; choose another --out-dir")
+    # No run here yet: a new run starts only in an empty directory (or one holding nothing but our own
+    # names), so that its files never mix with somebody else's (README, "Safe to operate").
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.name not in OURS)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 8 else "")
+        raise ValueError(f"--out-dir {str(out)!r} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} the "
+                         f"trainer did not write ({shown}) and no run: a run directory holds one run only; "
+                         "choose a new or empty --out-dir")
     return None
 
 
