@@ -4,7 +4,7 @@
     python bench/store.py --smoke     # a few windows in a fresh temporary directory: checks the script runs
 
 Each store holds the same windows (513 tokens + 512x4 concept ids + 512x4 scores, the labels-only
-record of DESIGN.md); every read copies the window into a batch buffer, as the trainer does.
+record of docs/data.md); every read copies the window into a batch buffer, as the trainer does.
 Numbers are per window, warm page cache, measured side by side in one run.
 """
 

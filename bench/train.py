@@ -38,7 +38,7 @@ from trainer.model import GPT  # noqa: E402
 from trainer.objectives import compute_losses  # noqa: E402
 from trainer.synthetic import write_manifest  # noqa: E402
 
-# The paper's 69M CoCoMix and its teacher (COCOMIX.md sections 1 and 4).
+# The paper's 69M CoCoMix and its teacher (docs/method.md sections 1 and 2.5).
 PAPER = dict(n_layer=8, d=512, d_ntp=624, n_head=8, l_ins=3, C=32768, k=32, T=1024, V=50304,
              teacher_layers=12, D=768, teacher_heads=12, sae_layer=6, k_sae=32, k_attr=4)
 

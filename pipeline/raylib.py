@@ -2,9 +2,9 @@
 
 The same code path serves a laptop (embedded Ray, CPU actors) and a GPU cluster: `ray submit` runs our
 script on the head node, where ``address="auto"`` finds the cluster; `ray job submit` runs it as a job,
-whose driver gets the cluster's address in ``RAY_ADDRESS`` (NOTES.md, "Ray cluster workflows").
+whose driver gets the cluster's address in ``RAY_ADDRESS`` (docs/operations.md, "Clusters").
 
-Measured with Ray 2.60 (NOTES.md): ``ray.init`` retries an address nobody answers on for minutes, so an
+Measured with Ray 2.60 (docs/operations.md, "Clusters"): ``ray.init`` retries an address nobody answers on for minutes, so an
 address is first checked with a plain TCP connection (:data:`CONNECT_TIMEOUT_S`); ``ray.init()`` without
 an address joins a cluster running on the machine, so the embedded Ray is started with
 ``address="local"``; and a job submitted with ``--working-dir`` runs in Ray's temporary copy of that
@@ -102,7 +102,7 @@ def _where(mode: str) -> str:
 def _start_embedded(num_cpus: int | None) -> str:
     import ray
 
-    # address="local": a plain ray.init() would join a cluster running on this machine (NOTES.md).
+    # address="local": a plain ray.init() would join a cluster running on this machine (docs/operations.md, "Clusters").
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), runtime_env=_RUNTIME_ENV,
              include_dashboard=False, logging_level=logging.WARNING)
     return "embedded"
@@ -148,7 +148,7 @@ def _auth_hint() -> str:
 
 def _host_port(address: str, what: str) -> tuple[str, int]:
     """The host and port Ray itself dials for ``address`` (127.0.0.1 becomes this machine's address
-    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; NOTES.md)."""
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; docs/operations.md, "Clusters")."""
     if "://" in address and not address.startswith("ray://"):
         raise ValueError(
             f"{what}: that is a web address (the dashboard / job server, for `ray job submit --address`); "
@@ -231,7 +231,7 @@ def check_job_paths(paths: dict[str, str | Sequence[str] | None]) -> None:
     """Inside a Ray job, refuse a relative path in any of ``paths`` (flag -> value(s)), with one message.
 
     The job's working directory is Ray's temporary copy of ``--working-dir`` under the head's session
-    directory (NOTES.md): an output written there is lost with the session, and an input read there is
+    directory (docs/operations.md, "Clusters"): an output written there is lost with the session, and an input read there is
     whatever was uploaded, on that node only. ``hf:NAME`` corpora are not paths. Outside a job (a shell,
     `ray submit` over SSH, a test), relative paths mean what they always mean.
     """
@@ -275,7 +275,7 @@ def ordered_map(actors: list[Any], method: str, items: Iterable[Any], max_in_fli
 
 def cpus_per_actor(num_actors: int) -> float:
     """Share the cluster's CPUs among ``num_actors`` so none waits forever for a CPU (a hang seen
-    with actors requesting more CPUs than existed; NOTES.md)."""
+    with actors requesting more CPUs than existed; docs/operations.md, "Clusters")."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 1.0)

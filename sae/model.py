@@ -10,11 +10,11 @@ Internal representation (one decoder ROW per latent, so sparse decode is a row g
 Normalisations:
 - ``layernorm``: OpenAI's parameter-free layer norm (sparse_autoencoder/model.py ``LN``):
   mu = mean(x), std = unbiased std(x), x_n = (x - mu) / (std + 1e-5); decode multiplies by ``std``
-  (without the eps) and adds mu, exactly as OpenAI and SAELens ``layer_norm`` do. COCOMIX.md §1.2.
+  (without the eps) and adds mu, exactly as OpenAI and SAELens ``layer_norm`` do. docs/method.md §1.2.
 - ``constant``: x_n = x * norm_scale, decode divides by it (SAELens "scaling factor").
 - ``sqrt_d``: x_n = x * sqrt(d_in) / ||x||, undone on decode (SAELens ``constant_norm_rescale``).
 
-How the concept extraction uses it (COCOMIX.md §1.3, the reference code's attribution):
+How the concept extraction uses it (docs/method.md §1.3, the reference code's attribution):
     ids, vals = sae.encode_topk(x)      # x: un-normalised residual (N, D) at sae.hook; c = vals at ids
     g = dL/dx                           # gradient of the teacher loss w.r.t. that same un-normalised x
     a = vals * <g, W_dec[ids]>          # a_i = c_i * <g, W_dec[i]>, only at the k active latents
@@ -132,7 +132,7 @@ class SparseAutoencoder(nn.Module):
         }
 
     def describe(self) -> dict:
-        """The manifest's ``sae`` entry (DESIGN.md): source, format, fingerprint, shape, k, normalisation."""
+        """The manifest's ``sae`` entry (docs/data.md, "The manifest"): source, format, fingerprint, shape, k, normalisation."""
         return {
             "source": self.source,
             "format": self.metadata.get("format"),

@@ -57,12 +57,12 @@ def as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def token_dtype(vocab_size: int) -> str:
-    """Smallest dtype for token ids (DESIGN.md: uint16 when the vocabulary fits)."""
+    """Smallest dtype for token ids (docs/data.md: uint16 when the vocabulary fits)."""
     return "uint16" if vocab_size <= 65535 else "uint32"
 
 
 def id_dtype(n: int) -> str:
-    """Dtype for concept ids among ``n`` latents (DESIGN.md: uint16 if C <= 65535 else int32)."""
+    """Dtype for concept ids among ``n`` latents (docs/data.md: uint16 if C <= 65535 else int32)."""
     return "uint16" if n <= 65535 else "int32"
 
 

@@ -1,4 +1,4 @@
-"""The manifest: one JSON file that ties shards and their provenance together (DESIGN.md).
+"""The manifest: one JSON file that ties shards and their provenance together (docs/data.md, "The manifest").
 
 Shard paths are stored relative to the manifest file, so a dataset directory can be moved or synced
 to object storage; in memory they are absolute. A shard is complete only once its entry, with its

@@ -1,6 +1,6 @@
 """Zarr v3 shards: a group per shard, one array per field with a leading window axis.
 
-zarr-python costs ~0.6 ms per call however little it reads (NOTES.md), so reads never go through it
+zarr-python costs ~0.6 ms per call however little it reads (docs/data.md; bench/store.py), so reads never go through it
 per window: uncompressed chunk files are memory-mapped directly (their bytes are the C-order array,
 edge chunks padded to full size), and a compressed shard is decompressed once, whole, on first use.
 """

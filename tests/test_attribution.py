@@ -1,4 +1,4 @@
-"""Sparse attribution and label selection against the dense reference formula (COCOMIX.md 1.3)."""
+"""Sparse attribution and label selection against the dense reference formula (docs/method.md 1.3)."""
 
 import pytest
 import torch

@@ -170,7 +170,7 @@ def test_bf16_above_hook_keeps_the_residual_exact():
 
 def test_negative_layer_counts_from_the_last_block():
     """--layer -1 is the last block (as in Python), resolved once to its non-negative index; the hook is
-    the block's own output, not HF's hidden_states[-1] (which comes after the final norm, NOTES.md)."""
+    the block's own output, not HF's hidden_states[-1] (which comes after the final norm; docs/method.md 1.1)."""
     from pipeline.extract_runner import check_compatible
 
     sae = random_sae(layer=1)

@@ -67,7 +67,7 @@ def free_port_range(n: int) -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without any Ray address, the venv first on PATH (the job's `python`
-    is the head's PATH's), everything on 127.0.0.1 (NOTES.md), plus ``extra``."""
+    is the head's PATH's), everything on 127.0.0.1 (docs/operations.md, "Clusters"), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", JOB_ENV)}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)

@@ -1,4 +1,4 @@
-"""The CoCoMix concept block (COCOMIX.md section 2, steps 1-6; Tack et al. 2025, Eq. 2-4).
+"""The CoCoMix concept block (docs/method.md section 2.2; Tack et al. 2025, Eq. 2-4).
 
 Given the hidden state h (B, T, d) after block L_ins-1 it predicts concept logits z over the C SAE
 latents, keeps the k largest raw logits, compresses them into a continuous concept c_hat (B, T, d)
@@ -38,7 +38,7 @@ def parameter_free_ln(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def steer_logits(z: torch.Tensor, steer: dict[int, float] | None, steer_from: int = 0) -> torch.Tensor:
-    """Multiply z[..., id] by its scale at positions >= steer_from (COCOMIX.md section 2, step 8)."""
+    """Multiply z[..., id] by its scale at positions >= steer_from (docs/method.md section 2.6)."""
     if not steer:
         return z
     scale = torch.ones(z.shape[-1], dtype=z.dtype, device=z.device)
@@ -76,7 +76,7 @@ class ConceptBlock(nn.Module):
         x = x - self.pre_bias
         z = self.predictor(x)  # (B, T, C)
         z = steer_logits(z, steer, steer_from)
-        # TopK of the raw signed logits, no ReLU (reference code; COCOMIX.md step 4).
+        # TopK of the raw signed logits, no ReLU (reference code; docs/method.md section 2.2).
         vals, idx = torch.topk(z, k, dim=-1)  # (B, T, k)
         if self.comp_weight is None:
             return ConceptOut(z, None, idx)

@@ -1,7 +1,7 @@
 """Configs of the student model and of a training run, and the named presets.
 
 Every field has a docstring under it: :mod:`common.cli` turns them into ``--help``.
-Sizes follow COCOMIX.md section 4 (Tack et al., arXiv 2502.08524, Table 7 / Appendix B).
+Sizes follow docs/method.md section 2.5 (Tack et al., arXiv 2502.08524, Table 7 / Appendix B).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Labels = Literal["attribution", "activation"]
 
 @dataclass
 class ConceptConfig:
-    """The CoCoMix block inserted before block ``insert_layer`` (COCOMIX.md section 2)."""
+    """The CoCoMix block inserted before block ``insert_layer`` (docs/method.md section 2.2)."""
 
     n_concepts: int = 32768
     """C, the concept vocabulary: the SAE's latent count (manifest `sae.n_latents`); paper 32768."""
@@ -93,7 +93,7 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Presets: plain functions returning a ModelConfig. NTP/KD baselines are widened to match CoCoMix's
-# activated parameters (COCOMIX.md section 3: d = 624 / 1072 / 2096 for d = 512 / 1024 / 2048); they
+# activated parameters (docs/method.md section 2.5: d = 624 / 1072 / 2096 for d = 512 / 1024 / 2048); they
 # keep the CoCoMix model's head count (the paper states widths only).
 
 

@@ -1,4 +1,4 @@
-"""The student: a GPT-2-style decoder with an optional CoCoMix concept block (COCOMIX.md section 2).
+"""The student: a GPT-2-style decoder with an optional CoCoMix concept block (docs/method.md section 2).
 
 Learned absolute positions, pre-LN blocks, PyTorch SDPA attention, tied LM head (nanoGPT layout).
 With ``concept.mix == "interleave"`` the blocks from L_ins on run on 2T positions

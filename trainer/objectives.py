@@ -1,6 +1,6 @@
 """Training objectives: next-token CE, the CoCoMix concept CE, and KD on a stored teacher top-k.
 
-Label conventions of the shards (DESIGN.md "Per-window records"):
+Label conventions of the shards (docs/data.md, "Per-window fields"; the validity rule: docs/method.md section 1.4):
 - A concept label slot is invalid when its score is not finite (the extraction writes -inf for the
   window's last position and for positions with fewer than K_attr usable latents) or, for signed id
   dtypes, when its id is negative. Invalid slots are masked out of the concept loss.
@@ -37,7 +37,7 @@ def concept_label_mask(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 def concept_loss(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, denom: float | None = None) -> torch.Tensor:
-    """(1/K_attr) sum_i CE(z_t, I_t,i), mean over positions (COCOMIX.md section 2, step 3).
+    """(1/K_attr) sum_i CE(z_t, I_t,i), mean over positions (docs/method.md section 2.4).
 
     z (B, T, C) concept logits; ids (B, T, K) labels; valid (B, T, K) mask. Softmax over all C
     latents. With some slots invalid the mean is taken over the valid (position, label) pairs, which
