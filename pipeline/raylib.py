@@ -4,7 +4,7 @@ The same code path serves a laptop (embedded Ray, CPU actors) and a GPU cluster:
 script on the head node, where ``address="auto"`` finds the cluster; `ray job submit` runs it as a job,
 whose driver gets the cluster's address in ``RAY_ADDRESS`` (docs/operations.md, "Clusters").
 
-Measured with Ray 2.60 (docs/operations.md, "Clusters"): ``ray.init`` retries an address nobody answers on for minutes, so an
+Measured with Ray 2.60 (docs/operations.md): ``ray.init`` retries an address nobody answers on for minutes, so an
 address is first checked with a plain TCP connection (:data:`CONNECT_TIMEOUT_S`); ``ray.init()`` without
 an address joins a cluster running on the machine, so the embedded Ray is started with
 ``address="local"``; and a job submitted with ``--working-dir`` runs in Ray's temporary copy of that
@@ -231,7 +231,7 @@ def check_job_paths(paths: dict[str, str | Sequence[str] | None]) -> None:
     """Inside a Ray job, refuse a relative path in any of ``paths`` (flag -> value(s)), with one message.
 
     The job's working directory is Ray's temporary copy of ``--working-dir`` under the head's session
-    directory (docs/operations.md, "Clusters"): an output written there is lost with the session, and an input read there is
+    directory (docs/operations.md): an output written there is lost with the session, and an input read there is
     whatever was uploaded, on that node only. ``hf:NAME`` corpora are not paths. Outside a job (a shell,
     `ray submit` over SSH, a test), relative paths mean what they always mean.
     """

@@ -132,7 +132,7 @@ class SparseAutoencoder(nn.Module):
         }
 
     def describe(self) -> dict:
-        """The manifest's ``sae`` entry (docs/data.md, "The manifest"): source, format, fingerprint, shape, k, normalisation."""
+        """The manifest's ``sae`` entry (docs/data.md): source, format, fingerprint, shape, k, normalisation."""
         return {
             "source": self.source,
             "format": self.metadata.get("format"),
