@@ -13,12 +13,15 @@ A module may import its own package and packages of a lower layer; every other a
 file, the line and the rule. Beyond the layers: shards/ and common/cli.py pull in nothing heavy
 (torch, transformers, Ray, ...) even transitively, the trainer never imports Ray or model classes, and
 no module shadows a standard-library module or one of our packages (``python bench/x.py`` puts
-``bench/`` first on ``sys.path``).
+``bench/`` first on ``sys.path``). And the documentation stays in the repository: no file cites notes
+that live outside it, and the files docs/ names exist.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from itertools import pairwise
@@ -335,4 +338,54 @@ def test_no_module_shadows_a_package():
         if stem in reserved:
             why = "the standard library" if stem in sys.stdlib_module_names else "a package"
             bad.append(f"{f.relative_to(ROOT).as_posix()}: '{stem}' is also {why}'s name")
+    assert not bad, "\n".join(bad)
+
+
+# The project notes outside the repository; spelled in parts so this file does not cite them itself.
+_OUTSIDE_NOTES = re.compile(r"\b(" + "|".join(["DESIGN", "COCOMIX", "NOTES", "STYLE"]) + r")\.md\b")
+_TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt", ".sh", ".json", ".ini"}
+
+
+def repo_text_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
+        files = [ROOT / p for p in out if p]
+    except (OSError, subprocess.SubprocessError):  # not a git checkout (e.g. an sdist)
+        files = [p for p in ROOT.rglob("*") if not any(s.startswith(".") or s in ("runs", "__pycache__")
+                                                      for s in p.relative_to(ROOT).parts)]
+    return [p for p in files if p.is_file() and (p.suffix in _TEXT_SUFFIXES or p.name in ("Makefile", "Dockerfile"))]
+
+
+def test_every_citation_is_in_the_repo():
+    """Comments cite repository files (docs/*.md), never notes a clone does not have."""
+    bad = []
+    for f in repo_text_files():
+        if f.stat().st_size > 2_000_000:
+            continue
+        for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if _OUTSIDE_NOTES.search(line):
+                bad.append(f"{f.relative_to(ROOT).as_posix()}:{n}: {line.strip()[:100]}")
+    assert not bad, f"{len(bad)} citation(s) of notes outside the repository (cite docs/ instead):\n" + "\n".join(bad)
+
+
+# A path a document names, e.g. `pipeline/attribution.py` or `docs/data.md` (not OUT/..., not ../shared/...).
+_CITED_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join([*LAYERS, "tests", "docs", "manifests", "scripts"])
+                         + r")/[\w./-]*\w)")
+
+
+def test_documents_name_files_that_exist():
+    """docs/ and the package READMEs name files of this repository: each must exist, so a move or a
+    rename updates them too (a path followed by '*', '{' or '<' is a pattern and skipped)."""
+    docs = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "trainer" / "README.md", ROOT / "sae" / "README.md"]
+    bad = []
+    for doc in docs:
+        if not doc.is_file():
+            continue
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for m in _CITED_PATH.finditer(line):
+                if line[m.end():m.end() + 1] in ("*", "{", "<"):
+                    continue
+                if not (ROOT / m.group(1)).exists():
+                    bad.append(f"{doc.relative_to(ROOT).as_posix()}:{n}: {m.group(1)} does not exist")
     assert not bad, "\n".join(bad)
