@@ -18,6 +18,7 @@ from pipeline.outputs import (
     check_writable_dir,
     command_line,
     inspect_file_target,
+    is_cocomix_shard,
     remove_entry,
     remove_temporaries_of,
 )
@@ -54,15 +55,19 @@ def stored_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in elsewhere}
 
 
-def _ours(name: str) -> bool:
-    """Whether a name in a concept directory is one this command writes."""
-    t = _TEMPORARY.match(name)
-    base = t.group(1) if t else name
-    return base in (EXTRACTION_FILE, RUN_LOG) or bool(_SHARD_NAME.match(base))
+def _ours(entry: Path) -> bool:
+    """Whether an entry of a concept directory is one this command wrote: its record files, its
+    temporaries, and shards whose content is a cocomix shard (a user's ``train-00042.arrow`` is not)."""
+    t = _TEMPORARY.match(entry.name)
+    if t:
+        return t.group(1) in (EXTRACTION_FILE, RUN_LOG) or bool(_SHARD_NAME.match(t.group(1)))
+    if entry.name in (EXTRACTION_FILE, RUN_LOG):
+        return True
+    return bool(_SHARD_NAME.match(entry.name)) and is_cocomix_shard(entry)
 
 
 def _foreign(d: Path) -> list[str]:
-    return sorted(f.name for f in d.iterdir() if not _ours(f.name)) if d.is_dir() else []
+    return sorted(f.name for f in d.iterdir() if not _ours(f)) if d.is_dir() else []
 
 
 def command(cfg: ExtractConfig, **changes: Any) -> str:
@@ -159,7 +164,7 @@ def _clean_temporaries(cfg: ExtractConfig) -> None:
     """Temporaries of a killed run (shards.PartWriter / shards.atomic): in the concept directory, and
     the manifest's own beside it; only names this command writes."""
     for t in cfg.concept_dir.iterdir():
-        if _TEMPORARY.match(t.name) and _ours(t.name):
+        if _TEMPORARY.match(t.name) and _ours(t):
             remove_entry(t)
     remove_temporaries_of(cfg.manifest_path.absolute())
 
@@ -170,7 +175,7 @@ def prepare_concept_dir(cfg: ExtractConfig, settings: dict) -> None:
     d = cfg.concept_dir
     if cfg.overwrite and d.is_dir():
         for f in d.iterdir():
-            if _ours(f.name):
+            if _ours(f):
                 remove_entry(f)
     d.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(cfg)

@@ -122,7 +122,8 @@ def test_unfinished_run_is_redone_without_a_flag(tmp_path, tiny_tokenizer_dir):
     ref = run(cfg(tmp_path, tiny_tokenizer_dir, out="ref", shard_mb=0.01))
     out.mkdir()
     (out / ".stage1-settings.json").write_text(json.dumps(ref.settings))
-    (out / "train-00000.arrow").write_bytes(b"partial")
+    # Shards are renamed into place only when whole, so a killed run leaves complete shards of ours.
+    (out / "train-00000.arrow").write_bytes((tmp_path / "ref" / "train-00000.arrow").read_bytes())
     (out / "..stage1-settings.json.tmp-89abcdef").write_text("{")
     run(cfg(tmp_path, tiny_tokenizer_dir, shard_mb=0.01))
     assert tree(out) == tree(tmp_path / "ref")

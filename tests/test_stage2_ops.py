@@ -146,6 +146,11 @@ def test_overwrite_removes_only_what_stage2_wrote(stage2_data, tiny_teacher_dir,
         assert "analysis.csv" in line and "did not write" in line and "--overwrite" not in line
         assert tree(out) == before
     (cdir / "analysis.csv").unlink()
+    # A user's file with a shard's name is judged by its content, not its name: refused, kept.
+    (cdir / "train-00042.arrow").write_bytes(b"precious")
+    rc, _, err = cli(argv + ["--overwrite"], capsys)
+    assert "train-00042.arrow" in one_error(rc, err) and (cdir / "train-00042.arrow").read_bytes() == b"precious"
+    (cdir / "train-00042.arrow").unlink()
     assert cli(argv + ["--overwrite"], capsys)[0] == 0
     assert (out / "my-notes.txt").read_text() == "keep me"
     m = load_manifest(out / "concepts.json")
