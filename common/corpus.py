@@ -303,7 +303,9 @@ def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iter
                 problem = f"is not valid JSON ({e.msg})"
             if problem:
                 if not cfg.skip_bad_records:
-                    raise ValueError(f"{path}:{lineno}: line {problem}; fix it or pass --skip-bad-records to skip and count")
+                    raise ValueError(
+                        f"{path}:{lineno}: line {problem}; fix it or pass --skip-bad-records to skip and count"
+                    )
                 em.stats.skipped_bad_records += 1
                 continue
             yield from em.whole(source, index, rec[cfg.text_field], replaced[0])

@@ -32,7 +32,9 @@ class ArrowShard:
         self.fields = fields or {k: FieldSpec.from_json(v) for k, v in stored.items()}
         for name, spec in self.fields.items():
             if name not in stored or FieldSpec.from_json(stored[name]) != spec:
-                raise ValueError(f"shard {str(self.path)!r}: field {name!r} is {stored.get(name)}, expected {spec.to_json()}")
+                raise ValueError(
+                    f"shard {str(self.path)!r}: field {name!r} is {stored.get(name)}, expected {spec.to_json()}"
+                )
         # Several record batches are allowed (a user may append), each viewed separately.
         self._starts: list[int] = []
         self._views: list[dict[str, np.ndarray]] = []
@@ -50,7 +52,9 @@ class ArrowShard:
             raise ValueError(f"shard {str(self.path)!r}: field {name!r} has null windows")
         flat = col.flatten().to_numpy(zero_copy_only=True)  # raises rather than copy
         if flat.dtype != spec.storage_dtype:
-            raise ValueError(f"shard {str(self.path)!r}: field {name!r} stored as {flat.dtype}, expected {spec.storage_dtype}")
+            raise ValueError(
+                f"shard {str(self.path)!r}: field {name!r} stored as {flat.dtype}, expected {spec.storage_dtype}"
+            )
         return flat.reshape(batch.num_rows, *spec.shape)
 
     def __len__(self) -> int:

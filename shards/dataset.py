@@ -19,7 +19,9 @@ from .zarr_store import ZarrShard
 Verify = Literal["open", "lazy", "none"]
 
 
-def open_shard(path: str | os.PathLike, format: str, fields: dict[str, FieldSpec] | None = None) -> ArrowShard | ZarrShard:
+def open_shard(
+    path: str | os.PathLike, format: str, fields: dict[str, FieldSpec] | None = None
+) -> ArrowShard | ZarrShard:
     if format == "arrow":
         return ArrowShard(path, fields)
     if format == "zarr":
@@ -57,7 +59,10 @@ def verify_part(part: ShardPart) -> None:
     except OSError as e:  # unreadable (permissions, I/O error): the same one-line report
         raise ValueError(f"shard {str(part.path)!r} cannot be read: {e.strerror or e}") from e
     if got != part.checksum:
-        raise ValueError(f"shard {str(part.path)!r} is corrupted: checksum {got} != {part.checksum} in the manifest; re-run the stage that wrote it")
+        raise ValueError(
+            f"shard {str(part.path)!r} is corrupted: checksum {got} != {part.checksum} in the manifest; "
+            "re-run the stage that wrote it"
+        )
 
 
 def verify_parts(parts: Iterable[ShardPart], threads: int | None = None) -> None:
@@ -113,7 +118,9 @@ class WindowDataset:
         self.verify = verify
         self.fields = {k: v for k, v in manifest.fields.items() if fields is None or k in fields}
         wanted_parts = [p for p in manifest.parts if any(manifest.field_parts[k] == p for k in self.fields)]
-        self._part_fields = {p: {k: v for k, v in self.fields.items() if manifest.field_parts[k] == p} for p in wanted_parts}
+        self._part_fields = {
+            p: {k: v for k, v in self.fields.items() if manifest.field_parts[k] == p} for p in wanted_parts
+        }
         self.shards: list[Shard] = manifest.splits[split].shards
         self._starts = np.cumsum([0] + [s.windows for s in self.shards])
         if limit is not None and limit < self._starts[-1]:
@@ -146,7 +153,9 @@ class WindowDataset:
                     verify_part(part)
                 r = open_shard(part.path, part.format, pfields)
                 if len(r) != self.shards[k].windows:
-                    raise ValueError(f"shard {str(part.path)!r} has {len(r)} windows, the manifest says {self.shards[k].windows}")
+                    raise ValueError(
+                        f"shard {str(part.path)!r} has {len(r)} windows, the manifest says {self.shards[k].windows}"
+                    )
                 readers.append(r)
             self._open[k] = readers
         return readers

@@ -71,7 +71,9 @@ def check_window_arrays(fields: dict[str, FieldSpec], arrays: dict[str, np.ndarr
     missing = set(fields) - set(arrays)
     extra = set(arrays) - set(fields)
     if missing or extra:
-        raise ValueError(f"window arrays do not match the fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        raise ValueError(
+            f"window arrays do not match the fields: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
     for name, spec in fields.items():
         a = arrays[name]
         if n is None:

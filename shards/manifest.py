@@ -163,10 +163,18 @@ def validate(data: Any, where: str = "manifest") -> None:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: a manifest is a JSON object, got {type(data).__name__}")
     schema = data.get("schema")
-    if _err(e, isinstance(schema, str) and schema.startswith(SCHEMA + "/"), f"schema: expected '{SCHEMA}/<n>', got {schema!r}"):
+    if _err(
+        e,
+        isinstance(schema, str) and schema.startswith(SCHEMA + "/"),
+        f"schema: expected '{SCHEMA}/<n>', got {schema!r}",
+    ):
         try:
             v = int(schema.split("/", 1)[1])
-            _err(e, v <= SCHEMA_VERSION, f"schema: version {v} is newer than this code reads ({SCHEMA_VERSION}); upgrade cocomix")
+            _err(
+                e,
+                v <= SCHEMA_VERSION,
+                f"schema: version {v} is newer than this code reads ({SCHEMA_VERSION}); upgrade cocomix",
+            )
         except ValueError:
             e.append(f"schema: bad version in {schema!r}")
     kind = data.get("kind")
@@ -177,7 +185,11 @@ def validate(data: Any, where: str = "manifest") -> None:
     if _err(e, isinstance(tok, dict), "tokenizer: missing or not an object"):
         for k in ("name", "fingerprint", "vocab_size", "eos_id"):
             _err(e, k in tok, f"tokenizer.{k}: missing")
-        _err(e, isinstance(tok.get("vocab_size"), int) and tok.get("vocab_size", 0) > 0, "tokenizer.vocab_size: expected a positive integer")
+        _err(
+            e,
+            isinstance(tok.get("vocab_size"), int) and tok.get("vocab_size", 0) > 0,
+            "tokenizer.vocab_size: expected a positive integer",
+        )
     if kind == "concepts":
         for k in _PROVENANCE:
             _err(e, isinstance(data.get(k), dict), f"{k}: a concept manifest needs this section")
@@ -195,7 +207,11 @@ def validate(data: Any, where: str = "manifest") -> None:
             parts.add(f.get("part"))
         _err(e, "tokens" in fields, "fields.tokens: every manifest stores tokens")
         if "tokens" in fields and isinstance(seq_len, int):
-            _err(e, list(fields["tokens"].get("shape", [])) == [seq_len + 1], f"fields.tokens.shape: expected [{seq_len + 1}] (seq_len + 1)")
+            _err(
+                e,
+                list(fields["tokens"].get("shape", [])) == [seq_len + 1],
+                f"fields.tokens.shape: expected [{seq_len + 1}] (seq_len + 1)",
+            )
     splits = data.get("splits")
     if _err(e, isinstance(splits, dict), "splits: missing or not an object"):
         for sn, s in splits.items():
@@ -205,17 +221,33 @@ def validate(data: Any, where: str = "manifest") -> None:
             total = 0
             for i, sh in enumerate(s["shards"]):
                 ws = f"{w}.shards[{i}]"
-                if not _err(e, isinstance(sh, dict) and isinstance(sh.get("windows"), int) and isinstance(sh.get("parts"), dict), f"{ws}: needs windows and parts"):
+                if not _err(
+                    e,
+                    isinstance(sh, dict) and isinstance(sh.get("windows"), int) and isinstance(sh.get("parts"), dict),
+                    f"{ws}: needs windows and parts",
+                ):
                     continue
                 total += sh["windows"]
-                _err(e, set(sh["parts"]) == parts, f"{ws}.parts: has {sorted(sh['parts'])}, fields need {sorted(p for p in parts if p)}")
+                _err(
+                    e,
+                    set(sh["parts"]) == parts,
+                    f"{ws}.parts: has {sorted(sh['parts'])}, fields need {sorted(p for p in parts if p)}",
+                )
                 for pn, p in sh["parts"].items():
                     if not _err(e, isinstance(p, dict), f"{ws}.parts.{pn}: not an object"):
                         continue
                     for k in ("path", "format", "checksum", "bytes"):
                         _err(e, k in p, f"{ws}.parts.{pn}.{k}: missing")
-                    _err(e, p.get("format") in FORMATS, f"{ws}.parts.{pn}.format: expected one of {FORMATS}, got {p.get('format')!r}")
-                    _err(e, isinstance(p.get("path"), str) and not os.path.isabs(p["path"]), f"{ws}.parts.{pn}.path: must be relative to the manifest")
+                    _err(
+                        e,
+                        p.get("format") in FORMATS,
+                        f"{ws}.parts.{pn}.format: expected one of {FORMATS}, got {p.get('format')!r}",
+                    )
+                    _err(
+                        e,
+                        isinstance(p.get("path"), str) and not os.path.isabs(p["path"]),
+                        f"{ws}.parts.{pn}.path: must be relative to the manifest",
+                    )
             _err(e, s.get("windows") == total, f"{w}.windows: {s.get('windows')} but its shards hold {total}")
     if e:
         raise ValueError(f"{where} is not a valid manifest:\n  - " + "\n  - ".join(e))
@@ -229,7 +261,12 @@ def from_json(data: dict[str, Any], base: Path, where: str = "manifest") -> Mani
         shards = [
             Shard(
                 windows=sh["windows"],
-                parts={pn: ShardPart(path=(base / p["path"]).resolve(), format=p["format"], checksum=p["checksum"], bytes=p["bytes"]) for pn, p in sh["parts"].items()},
+                parts={
+                    pn: ShardPart(
+                        path=(base / p["path"]).resolve(), format=p["format"], checksum=p["checksum"], bytes=p["bytes"]
+                    )
+                    for pn, p in sh["parts"].items()
+                },
             )
             for sh in s["shards"]
         ]

@@ -89,7 +89,9 @@ class PartWriter:
         for name, spec in self.fields.items():
             a = arrays[name]
             if a.shape != (b, *spec.shape) or a.dtype != spec.storage_dtype:
-                raise ValueError(f"field {name!r}: expected {(b, *spec.shape)} {spec.storage_dtype}, got {a.shape} {a.dtype}")
+                raise ValueError(
+                    f"field {name!r}: expected {(b, *spec.shape)} {spec.storage_dtype}, got {a.shape} {a.dtype}"
+                )
             self._buf[name].append(a)
         self._buffered += b
         if self.written + self._buffered > self.n:

@@ -72,7 +72,9 @@ class ZarrShard:
         n = None
         for name, spec in self.fields.items():
             if name not in stored or FieldSpec.from_json(stored[name]) != spec:
-                raise ValueError(f"shard {str(self.path)!r}: field {name!r} is {stored.get(name)}, expected {spec.to_json()}")
+                raise ValueError(
+                    f"shard {str(self.path)!r}: field {name!r} is {stored.get(name)}, expected {spec.to_json()}"
+                )
             try:
                 meta = json.loads((self.path / name / "zarr.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -80,7 +82,9 @@ class ZarrShard:
             codecs = [c["name"] for c in meta["codecs"]]
             endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
             if meta["shape"][1:] != list(spec.shape) or np.dtype(meta["data_type"]) != spec.storage_dtype:
-                raise ValueError(f"shard {str(self.path)!r}: array {name!r} has shape/dtype {meta['shape']}/{meta['data_type']}")
+                raise ValueError(
+                    f"shard {str(self.path)!r}: array {name!r} has shape/dtype {meta['shape']}/{meta['data_type']}"
+                )
             if codecs == ["bytes"] and (endian == "little" or spec.storage_dtype.itemsize == 1):
                 self._direct[name] = _DirectArray(self.path, name, meta, spec)
             else:
@@ -120,7 +124,11 @@ class ZarrShard:
             self._load_compressed()
         out = {k: v[idx] for k, v in self._loaded.items()}
         for k, arr in self._direct.items():
-            out[k] = np.stack([arr[int(i)] for i in idx]) if len(idx) else np.zeros((0, *arr.spec.shape), arr.spec.storage_dtype)
+            out[k] = (
+                np.stack([arr[int(i)] for i in idx])
+                if len(idx)
+                else np.zeros((0, *arr.spec.shape), arr.spec.storage_dtype)
+            )
         return out
 
     def close(self) -> None:

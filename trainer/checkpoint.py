@@ -225,7 +225,9 @@ def resolve(path: str | os.PathLike, need: tuple[str, ...] = FILES) -> Path:
     if not path.exists():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is not a directory (pass OUT_DIR/ckpt or one of its step-N directories)")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a directory (pass OUT_DIR/ckpt or one of its step-N directories)"
+        )
     if any((path / f).exists() for f in MODEL_FILES):  # a step directory
         missing = [f for f in need if not (path / f).is_file()]
         if missing:
@@ -269,7 +271,9 @@ def _load_weights(model: GPT, d: Path) -> tuple[list[str], list[str]]:
     try:
         return load_model(model, str(d / "model.safetensors"), strict=False)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {str(d / 'model.safetensors')!r} cannot be loaded: {str(e).splitlines()[0]}") from e
+        raise ValueError(
+            f"checkpoint {str(d / 'model.safetensors')!r} cannot be loaded: {str(e).splitlines()[0]}"
+        ) from e
     except Exception as e:
         if type(e).__name__ == "SafetensorError":
             raise ValueError(f"checkpoint {str(d / 'model.safetensors')!r} cannot be loaded: {e}") from e
@@ -281,7 +285,9 @@ def load_state(path: str | os.PathLike, model: GPT, optimizer: torch.optim.Optim
     path = resolve(path, FILES)
     missing, unexpected = _load_weights(model, path)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r}: weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {str(path)!r}: weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state.pop("optimizer"))
     rng = path / f"rng-rank{rank}.pt"

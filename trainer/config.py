@@ -163,9 +163,11 @@ class TrainConfig:
     preset: str = "tiny"
     """Model size: tiny, small, 69m, 386m, 1.38b (NTP/KD modes get the width-matched baseline)."""
     mode: Mode = "cocomix"
-    """Objective: ntp (next token), cocomix (NTP + lambda * concept CE, with mixing), kd (NTP + KL to the stored teacher top-k)."""
+    """Objective: ntp (next token), cocomix (NTP + lambda * concept CE, with mixing), kd (NTP + KL to
+    the stored teacher top-k)."""
     labels: Labels = "attribution"
-    """Concept labels: attribution (concept_ids, the paper) or activation (top SAE activations from mix_ids/mix_vals, the paper's ablation)."""
+    """Concept labels: attribution (concept_ids, the paper) or activation (top SAE activations from
+    mix_ids/mix_vals, the paper's ablation)."""
     mix: Mix | None = None
     """Override the preset's concept mixing: interleave, add or none."""
     concept_loss: bool = True
@@ -227,7 +229,8 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars to OUT_DIR/tb (needs the tensorboard package)."""
     halt_after: int = 0
-    """Stop after this many steps of this process without finishing the schedule (tests and preemption drills); 0 = off."""
+    """Stop after this many steps of this process without finishing the schedule (tests and preemption
+    drills); 0 = off."""
     progress: bool = True
     """Show a tqdm progress bar."""
 

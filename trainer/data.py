@@ -81,7 +81,14 @@ class StepSampler:
 
     def state(self, step: int) -> dict[str, int]:
         epoch, b = divmod(step, self.batches_per_epoch)
-        return {"step": step, "epoch": epoch, "batch_in_epoch": b, "seed": self.seed, "windows": self.n, "global_batch": self.G}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": b,
+            "seed": self.seed,
+            "windows": self.n,
+            "global_batch": self.G,
+        }
 
 
 def to_torch(batch: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -140,7 +147,10 @@ class StepBatches(Dataset):
         except ValueError as e:  # includes pyarrow's ArrowInvalid
             return {LOAD_ERROR: str(e).splitlines()[0] if str(e) else type(e).__name__}
         except (OSError, IndexError, KeyError, RuntimeError) as e:
-            return {LOAD_ERROR: f"reading the windows of step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            return {
+                LOAD_ERROR: f"reading the windows of step {step}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            }
 
     def _load(self, step: int) -> dict[str, torch.Tensor]:
         idx = self.sampler.rank_indices(step, self.rank, self.world)
@@ -149,9 +159,20 @@ class StepBatches(Dataset):
         # Out-of-range ids would crash the embedding / gather (a device assert on GPU): name the shard.
         tok = raw["tokens"]
         if self.vocab_size is not None and tok.size and int(tok.max()) >= self.vocab_size:
-            raise ValueError(f"token id {int(tok.max())} >= vocab {self.vocab_size} in {self._where(idx)}: corrupted or mismatched shard")
-        if self.vocab_size is not None and "kd_ids" in raw and raw["kd_ids"].size and int(raw["kd_ids"].max()) >= self.vocab_size:
-            raise ValueError(f"kd_ids {int(raw['kd_ids'].max())} >= vocab {self.vocab_size} in {self._where(idx)}: teacher and tokenizer disagree")
+            raise ValueError(
+                f"token id {int(tok.max())} >= vocab {self.vocab_size} in {self._where(idx)}: "
+                "corrupted or mismatched shard"
+            )
+        if (
+            self.vocab_size is not None
+            and "kd_ids" in raw
+            and raw["kd_ids"].size
+            and int(raw["kd_ids"].max()) >= self.vocab_size
+        ):
+            raise ValueError(
+                f"kd_ids {int(raw['kd_ids'].max())} >= vocab {self.vocab_size} in {self._where(idx)}: "
+                "teacher and tokenizer disagree"
+            )
         if self.n_concepts is not None:
             for f, s in (("concept_ids", "concept_scores"), ("mix_ids", "mix_vals")):
                 if f in raw:
@@ -159,7 +180,9 @@ class StepBatches(Dataset):
                     vals = as_float32(raw[s], "bfloat16") if self.dtypes.get(s) == "bfloat16" else raw[s]
                     bad = (ids >= self.n_concepts) & np.isfinite(vals)
                     if bad.any():
-                        raise ValueError(f"{f} {int(ids[bad].max())} >= n_concepts {self.n_concepts} in {self._where(idx)}")
+                        raise ValueError(
+                            f"{f} {int(ids[bad].max())} >= n_concepts {self.n_concepts} in {self._where(idx)}"
+                        )
         return to_torch(raw, self.dtypes)
 
 
@@ -187,7 +210,9 @@ def step_loader(source: StepBatches, start: int, stop: int, workers: int, pin_me
     )
 
 
-def eval_batches(windows: Windows, n: int, batch: int, rank: int, world: int, fields: list[str], dtypes: dict[str, str]):
+def eval_batches(
+    windows: Windows, n: int, batch: int, rank: int, world: int, fields: list[str], dtypes: dict[str, str]
+):
     """The first ``n`` windows of a split (fixed, so every evaluation sees the same ones), this
     rank's share, in batches."""
     idx = np.arange(min(n, len(windows)))[rank::world]

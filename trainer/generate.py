@@ -74,7 +74,8 @@ def generate(
         raise ValueError("--steer needs a CoCoMix checkpoint; this model has no concept block")
     if len(prompt) + max_new_tokens > model.cfg.block_size:
         raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's block_size {model.cfg.block_size}"
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's block_size "
+            f"{model.cfg.block_size}"
         )
     model.eval()
     dev = next(model.parameters()).device
@@ -136,16 +137,33 @@ def load_tokenizer(info: dict[str, Any], override: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> Generation:
-    p = Parser(prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint directory (OUT_DIR/ckpt of a run)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--steer", action="append", metavar="ID=SCALE", help="multiply concept ID's predicted logit by SCALE (paper: [-10, 10]); repeatable")
+    p.add_argument(
+        "--steer",
+        action="append",
+        metavar="ID=SCALE",
+        help="multiply concept ID's predicted logit by SCALE (paper: [-10, 10]); repeatable",
+    )
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--show-concepts", type=int, nargs="?", const=5, default=0, metavar="N", help="print the top N predicted concept ids per generated token (default N=5)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token (for checking the cache)")
+    p.add_argument(
+        "--show-concepts",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="N",
+        help="print the top N predicted concept ids per generated token (default N=5)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence every token (for checking the cache)"
+    )
     p.add_argument("--tokenizer", default=None, help="override the tokenizer recorded in the checkpoint")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -153,17 +171,25 @@ def main(argv: list[str] | None = None) -> Generation:
     check_args(a)
     model, cfg = load_model_from(a.ckpt, a.device)
     if a.steer and model.concept is None:
-        raise ValueError(f"--steer needs a CoCoMix checkpoint; {a.ckpt} has no concept block (mode {cfg.get('train', {}).get('mode', '?')})")
+        raise ValueError(
+            f"--steer needs a CoCoMix checkpoint; {a.ckpt} has no concept block "
+            f"(mode {cfg.get('train', {}).get('mode', '?')})"
+        )
     steer = parse_steer(a.steer, model.cfg.concept.n_concepts if model.cfg.concept else None)
     if a.max_new_tokens >= model.cfg.block_size:
-        raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for the prompt in the model's block_size {model.cfg.block_size}")
+        raise ValueError(
+            f"--max-new-tokens {a.max_new_tokens} leaves no room for the prompt in the model's block_size "
+            f"{model.cfg.block_size}"
+        )
     info = cfg.get("tokenizer") or {}
     tok = load_tokenizer(info, a.tokenizer)
     prompt = tok.encode(a.prompt, add_special_tokens=False)
     if not prompt:
         raise ValueError("--prompt encodes to no tokens: give some text")
     eos = None if a.ignore_eos else info.get("eos_id")
-    g = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, steer, a.show_concepts, not a.no_cache, eos, a.seed)
+    g = generate(
+        model, prompt, a.max_new_tokens, a.temperature, a.top_k, steer, a.show_concepts, not a.no_cache, eos, a.seed
+    )
     print(tok.decode(prompt + g.tokens))
     if a.show_concepts:
         for t, cs in zip(g.tokens, g.concepts, strict=False):

@@ -82,7 +82,8 @@ class Trainer:
         self.total_steps = cfg.steps or budget // self.tokens_per_step
         if self.total_steps < 1:
             raise ValueError(
-                f"no steps to run: pass --steps, or a --max-tokens of at least one global batch ({self.tokens_per_step} tokens)"
+                "no steps to run: pass --steps, or a --max-tokens of at least one global batch "
+                f"({self.tokens_per_step} tokens)"
             )
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 300)
         self.record = run_record(self.model_cfg, cfg, self.world, self.total_steps,
@@ -148,7 +149,8 @@ class Trainer:
             src = checkpoint.resolve(cfg.resume)
             diffs = differences(checkpoint.read_config(src), self.record, self.manifest, "checkpoint")
             if diffs:
-                raise ValueError(f"--resume {cfg.resume}: checkpoint {str(src)!r} is of another run: " + "; ".join(diffs)
+                raise ValueError(f"--resume {cfg.resume}: checkpoint {str(src)!r} is of another run: "
+                                 + "; ".join(diffs)
                                  + "; resume it with its own settings and data, or train anew without --resume")
         if existing is not None:
             diffs = differences(existing.record, self.record, self.manifest, existing.source)
@@ -164,9 +166,9 @@ class Trainer:
                 src = existing.ckpt
             elif existing.ckpt is not None and existing.step > int(checkpoint.read_config(src).get("step", 0)):
                 # Going back would cut metrics.jsonl and prune the later checkpoint: never implicitly.
-                raise ValueError(f"--resume {cfg.resume}: --out-dir {str(out)!r} holds this run at step {existing.step}, "
-                                 f"later than that checkpoint; choose another --out-dir to continue from it (its "
-                                 f"checkpoint {str(existing.ckpt)!r} is kept)")
+                raise ValueError(f"--resume {cfg.resume}: --out-dir {str(out)!r} holds this run at step "
+                                 f"{existing.step}, later than that checkpoint; choose another --out-dir to continue "
+                                 f"from it (its checkpoint {str(existing.ckpt)!r} is kept)")
         step = int(checkpoint.read_config(src).get("step", 0)) if src is not None else 0
         if step >= self.total_steps:
             if self.rank == 0:
@@ -188,7 +190,9 @@ class Trainer:
     def _complete_summary(self) -> dict[str, Any]:
         saved = checkpoint.read_config(self.resume_from)
         rows = rundir.read_metrics(self.out / rundir.METRICS)
-        evals = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}} for r in rows if "val_loss" in r]
+        evals = [
+            {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}} for r in rows if "val_loss" in r
+        ]
         params = None
         try:
             params = json.loads((self.out / rundir.RECORD).read_text()).get("params")
@@ -224,7 +228,9 @@ class Trainer:
         """Mean NTP loss (and concept / KD loss) over the first eval_windows val windows."""
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # ntp, concept, kd, windows
-        for batch in eval_batches(self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world, self.fields, self.dtypes):
+        for batch in eval_batches(
+            self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world, self.fields, self.dtypes
+        ):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast:
                 losses = self._losses(batch, self.model)
@@ -298,7 +304,9 @@ class Trainer:
             what = f"the last complete checkpoint is {str(self.last_ckpt)!r}"
         else:
             what = "no checkpoint was written"
-        return Interrupted(f"interrupted at step {where}: {what}; rerun the same command (or add --resume auto) to continue")
+        return Interrupted(
+            f"interrupted at step {where}: {what}; rerun the same command (or add --resume auto) to continue"
+        )
 
     def run(self) -> dict[str, Any]:
         if self.complete:
@@ -403,7 +411,10 @@ class Trainer:
         sums = [0.0, 0.0, 0.0]
         denom = self._concept_denom(batch)
         for a in range(cfg.grad_accum):
-            mb = {k: v[a * cfg.micro_batch : (a + 1) * cfg.micro_batch].to(self.device, non_blocking=True) for k, v in batch.items()}
+            mb = {
+                k: v[a * cfg.micro_batch : (a + 1) * cfg.micro_batch].to(self.device, non_blocking=True)
+                for k, v in batch.items()
+            }
             sync = self.world == 1 or a == cfg.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else self.fwd.no_sync()
             with ctx:

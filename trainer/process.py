@@ -64,7 +64,10 @@ class StopOnSigint:
               file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnSigint | None:
-        if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
             return None
         self._prev = signal.signal(signal.SIGINT, self._handle)
         return self

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
     last = summary.get("last", {})
     if cfg.progress and not summary.get("complete"):
-        print(json.dumps({k: summary[k] for k in ("step", "tokens", "out_dir", "params")} | {"last": last}), file=sys.stderr)
+        print(
+            json.dumps({k: summary[k] for k in ("step", "tokens", "out_dir", "params")} | {"last": last}),
+            file=sys.stderr,
+        )
     return summary
 
 

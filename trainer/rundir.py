@@ -35,9 +35,14 @@ def check_path(out: Path) -> None:
         for parent in out.absolute().parents:
             if parent.exists():
                 if not parent.is_dir():
-                    raise ValueError(f"--out-dir {str(out)!r} cannot be created: {str(parent)!r} is a file; choose another --out-dir")
+                    raise ValueError(
+                        f"--out-dir {str(out)!r} cannot be created: {str(parent)!r} is a file; choose another --out-dir"
+                    )
                 if not os.access(parent, os.W_OK | os.X_OK):
-                    raise ValueError(f"--out-dir {str(out)!r} cannot be created: {str(parent)!r} is not writable; choose another --out-dir")
+                    raise ValueError(
+                        f"--out-dir {str(out)!r} cannot be created: {str(parent)!r} is not writable; "
+                        "choose another --out-dir"
+                    )
                 break
         return
     if not os.access(out, os.W_OK | os.X_OK):
@@ -49,7 +54,10 @@ def check_path(out: Path) -> None:
         q = out / name
         if q.exists() and q.is_dir() != is_dir:
             kind = "a directory" if q.is_dir() else "a file"
-            raise ValueError(f"--out-dir {str(out)!r}: {str(q)!r} is {kind}, not what this trainer writes there; choose another --out-dir")
+            raise ValueError(
+                f"--out-dir {str(out)!r}: {str(q)!r} is {kind}, not what this trainer writes there; "
+                "choose another --out-dir"
+            )
 
 
 @dataclass
@@ -87,7 +95,9 @@ def inspect(out: Path) -> Existing | None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             rec = None
         if not (isinstance(rec, dict) and isinstance(rec.get("train"), dict) and isinstance(rec.get("model"), dict)):
-            raise ValueError(f"--out-dir {str(out)!r} holds {RECORD}, which is not a trainer run record: choose another --out-dir")
+            raise ValueError(
+                f"--out-dir {str(out)!r} holds {RECORD}, which is not a trainer run record: choose another --out-dir"
+            )
         return Existing(rec, None, 0, rec.get("total_steps"))
     if (out / METRICS).exists():
         raise ValueError(f"--out-dir {str(out)!r} holds {METRICS} but no run record ({RECORD}): not a run this trainer "

@@ -108,7 +108,11 @@ def write_manifest(
         corpus={"sources": ["synthetic markov chain"], "seed": seed},
         teacher={"name": "synthetic-chain", "fingerprint": "synthetic", "n_layer": 0, "width": 0} if concepts else None,
         hook={"layer": 0, "location": "synthetic"} if concepts else None,
-        sae={"source": "synthetic", "fingerprint": "synthetic", "d_in": 0, "n_latents": n_concepts, "k": k_mix} if concepts else None,
+        sae=(
+            {"source": "synthetic", "fingerprint": "synthetic", "d_in": 0, "n_latents": n_concepts, "k": k_mix}
+            if concepts
+            else None
+        ),
         attribution={"variant": "synthetic", "k_attr": k_attr, "last_position": "score -inf"} if concepts else None,
     )
     for split, n, s0 in (("train", windows, seed), ("val", val_windows, seed + 10_000)):
@@ -123,7 +127,11 @@ def write_manifest(
                 pf = {k: v for k, v in specs.items() if parts[k] == pname}
                 ext = ".arrow" if format == "arrow" else ".zarr"
                 written[pname] = write_shard(
-                    out / f"{split}-{i:05d}.{pname}{ext}", pf, {k: arrays[k][a:b] for k in pf}, format=format, zarr_chunk_windows=4
+                    out / f"{split}-{i:05d}.{pname}{ext}",
+                    pf,
+                    {k: arrays[k][a:b] for k in pf},
+                    format=format,
+                    zarr_chunk_windows=4,
                 )
             m.add_shard(split, int(b - a), written)
     return m.save(out / "manifest.json")
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", type=int, default=2, help="shards per split")
     p.add_argument("--format", choices=["arrow", "zarr"], default="arrow")
     a = p.parse_args(argv)
-    path = write_manifest(a.out, a.windows, a.val_windows, a.seq_len, a.vocab, a.n_concepts, shards_per_split=a.shards, format=a.format)
+    path = write_manifest(
+        a.out, a.windows, a.val_windows, a.seq_len, a.vocab, a.n_concepts, shards_per_split=a.shards, format=a.format
+    )
     print(path)
 
 

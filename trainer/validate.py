@@ -84,7 +84,10 @@ def check_manifest(cfg: TrainConfig, manifest, model: ModelConfig) -> None:
             if manifest.attribution and int(manifest.attribution["k_attr"]) != K:
                 e.append(f"attribution.k_attr {manifest.attribution['k_attr']} != concept_ids width {K}")
             if manifest.fields["concept_ids"].shape[0] != manifest.seq_len:
-                e.append(f"concept_ids has {manifest.fields['concept_ids'].shape[0]} positions, seq_len is {manifest.seq_len}")
+                e.append(
+                    f"concept_ids has {manifest.fields['concept_ids'].shape[0]} positions, "
+                    f"seq_len is {manifest.seq_len}"
+                )
     if cfg.mode == "kd" and "kd_ids" in manifest.fields and "kd_logprobs" in manifest.fields:
         if manifest.fields["kd_ids"].shape != manifest.fields["kd_logprobs"].shape:
             e.append("kd_ids and kd_logprobs have different shapes")
@@ -163,7 +166,9 @@ def data_identity(manifest, fields: list[str], eval_windows: int) -> dict[str, A
     }
 
 
-def run_record(model: ModelConfig, cfg: TrainConfig, world: int, total_steps: int, identity: dict[str, Any]) -> dict[str, Any]:
+def run_record(
+    model: ModelConfig, cfg: TrainConfig, world: int, total_steps: int, identity: dict[str, Any]
+) -> dict[str, Any]:
     """What identifies a run: written to OUT/config.json and every checkpoint's config.json."""
     return {"model": model.to_dict(), "train": cfg.to_dict(), "world_size": world, "total_steps": total_steps,
             "data": identity}
@@ -177,7 +182,9 @@ def _data_differences(saved: dict[str, Any], now: dict[str, Any], manifest, what
         if k == "checksums":
             old = saved.get("checksums")
             if not isinstance(old, dict):
-                e.append(f"data.checksums: the {what} records none (written by an older version), this manifest {sorted(v)}")
+                e.append(
+                    f"data.checksums: the {what} records none (written by an older version), this manifest {sorted(v)}"
+                )
                 continue
             for part in sorted(set(old) | set(v)):
                 if old.get(part) != v.get(part):
@@ -191,7 +198,9 @@ def _data_differences(saved: dict[str, Any], now: dict[str, Any], manifest, what
 def _name_shard_difference(saved: dict[str, Any], now: dict[str, Any], part: str, manifest, what: str) -> str:
     a_all, b_all = (saved.get("shards") or {}).get(part), (now.get("shards") or {}).get(part)
     if a_all is None:
-        return f"the {what} does not read part {part!r}" if b_all is not None else f"this run does not read part {part!r}"
+        return (
+            f"the {what} does not read part {part!r}" if b_all is not None else f"this run does not read part {part!r}"
+        )
     if b_all is None:
         return f"this run does not read part {part!r}, the {what} does"
     for split in ("train", "val"):
@@ -224,6 +233,9 @@ def differences(saved: dict[str, Any], now: dict[str, Any], manifest, what: str 
             f"this run {nw} x {nt['micro_batch']} x {nt['grad_accum']}"
         )
     if saved.get("total_steps") != now["total_steps"]:
-        e.append(f"schedule length: {what} {saved.get('total_steps')} steps, this run {now['total_steps']} (--steps / --max-tokens)")
+        e.append(
+            f"schedule length: {what} {saved.get('total_steps')} steps, this run {now['total_steps']} "
+            "(--steps / --max-tokens)"
+        )
     e += _data_differences(saved.get("data") or {}, now["data"], manifest, what)
     return e
