@@ -154,7 +154,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--teacher", default=None, help="also time teacher activations to the hook (e.g. smollm2-135m)")
     p.add_argument("--layer", type=int, default=9)
-    p.add_argument("--smoke", action="store_true", help="one tiny shape, 2 repeats, 32-token teacher windows: checks the script runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="one tiny shape, 2 repeats, 32-token teacher windows: checks the script runs")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -91,8 +91,10 @@ def main() -> None:
     p.add_argument("--corpus", nargs="+", default=[str(DEFAULT)])
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--memory", type=float, nargs="+", metavar="MB", help="peak RSS on one-line documents of these sizes")
-    p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1], help="checkout whose stage 1 --memory runs")
+    p.add_argument("--memory", type=float, nargs="+", metavar="MB",
+                   help="peak RSS on one-line documents of these sizes")
+    p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
+                   help="checkout whose stage 1 --memory runs")
     p.add_argument("--smoke", action="store_true",
                    help="a small generated corpus, seq-len 32, the plain loop only: checks the script runs")
     a = p.parse_args()
@@ -118,7 +120,8 @@ def main() -> None:
             log = read_runs(out)[-1]  # timings live in the run log, not in the manifest
             rows.append((name, log["tokens_per_s"], log["wall_s"], sums))
     base = rows[0][1]
-    print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs\n{'variant':22s} {'tokens/s':>10s} {'wall s':>8s} {'vs plain':>9s}")
+    print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs\n"
+          f"{'variant':22s} {'tokens/s':>10s} {'wall s':>8s} {'vs plain':>9s}")
     for name, tps, wall, _ in rows:
         print(f"{name:22s} {tps:10,.0f} {wall:8.1f} {tps / base:8.2f}x")
     if len(rows) == 3:

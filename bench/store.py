@@ -59,7 +59,8 @@ def main() -> None:
     p.add_argument("--reads", type=int, default=10_000)
     p.add_argument("--zarr-python-reads", type=int, default=500, help="fewer: ~1 ms each")
     p.add_argument("--dir", default="/tmp/cocomix-bench-store")
-    p.add_argument("--smoke", action="store_true", help="64 windows in a fresh temporary directory: checks the script runs")
+    p.add_argument("--smoke", action="store_true",
+                   help="64 windows in a fresh temporary directory: checks the script runs")
     a = p.parse_args()
     if a.smoke:  # tests/test_bench.py: never the shared default --dir, which this bench empties
         a.windows, a.reads, a.zarr_python_reads = 64, 64, 8
@@ -71,8 +72,10 @@ def main() -> None:
     t = time.perf_counter()
     stores = {
         "arrow (mmap)": ("arrow", write_shard(root / "s.arrow", FIELDS, w, "arrow")),
-        "zarr raw (chunk files mmapped)": ("zarr", write_shard(root / "raw.zarr", FIELDS, w, "zarr", zarr_chunk_windows=16)),
-        "zarr zstd (decompressed once)": ("zarr", write_shard(root / "zstd.zarr", FIELDS, w, "zarr", zarr_chunk_windows=16, zarr_compression="zstd")),
+        "zarr raw (chunk files mmapped)": ("zarr", write_shard(root / "raw.zarr", FIELDS, w, "zarr",
+                                                               zarr_chunk_windows=16)),
+        "zarr zstd (decompressed once)": ("zarr", write_shard(root / "zstd.zarr", FIELDS, w, "zarr",
+                                                              zarr_chunk_windows=16, zarr_compression="zstd")),
     }
     print(f"wrote {len(stores)} stores of {a.windows} windows in {time.perf_counter() - t:.1f} s")
     memmaps = {}
@@ -91,7 +94,9 @@ def main() -> None:
 
     g = zarr.open_group(str(root / "raw.zarr"), mode="r")
     arrays = {k: g[k] for k in FIELDS}
-    rows.append(("zarr raw through zarr-python", time_reads(lambda i: {k: v[i] for k, v in arrays.items()}, order[: a.zarr_python_reads]), stores["zarr raw (chunk files mmapped)"][1].bytes))
+    rows.append(("zarr raw through zarr-python",
+                 time_reads(lambda i: {k: v[i] for k, v in arrays.items()}, order[: a.zarr_python_reads]),
+                 stores["zarr raw (chunk files mmapped)"][1].bytes))
     t = time.perf_counter()
     checksum(stores["arrow (mmap)"][1].path)
     ck = (time.perf_counter() - t) / (stores["arrow (mmap)"][1].bytes / 1e6)

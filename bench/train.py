@@ -58,7 +58,8 @@ def student(s: dict, kind: str, device) -> GPT:
     """kind: cocomix, ntp (equal width) or ntp-wide (the width-matched baseline)."""
     concept = ConceptConfig(n_concepts=s["C"], insert_layer=s["l_ins"], topk=s["k"]) if kind == "cocomix" else None
     d = s["d_ntp"] if kind == "ntp-wide" else s["d"]
-    cfg = ModelConfig(vocab_size=s["V"], block_size=s["T"], n_layer=s["n_layer"], d_model=d, n_head=s["n_head"], concept=concept)
+    cfg = ModelConfig(vocab_size=s["V"], block_size=s["T"], n_layer=s["n_layer"], d_model=d, n_head=s["n_head"],
+                      concept=concept)
     return GPT(cfg).to(device)
 
 
@@ -73,7 +74,8 @@ class StudentStep:
     def __init__(self, model: GPT, device, compile_: bool = False):
         self.model, self.device = model, device
         self.fwd = torch.compile(model) if compile_ else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                     fused=device.type == "cuda")
         self.mode = "cocomix" if model.concept is not None else "ntp"
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
             res[f"a_{kind}_step_s"] = steps[kind]
             res[f"a_{kind}_flops_per_step"] = flops
             res[f"a_{kind}_params"] = model.num_params()
-            print(f"(a) {kind:9s} d={model.cfg.d_model:5d} params {model.num_params() / 1e6:7.2f}M  step {steps[kind] * 1e3:8.1f} ms  "
+            print(f"(a) {kind:9s} d={model.cfg.d_model:5d} params {model.num_params() / 1e6:7.2f}M  "
+                  f"step {steps[kind] * 1e3:8.1f} ms  "
                   f"{B * T / steps[kind]:9.0f} tok/s  {flops / steps[kind] / 1e12:6.2f} TFLOP/s", flush=True)
         del models, fns
         res["a_time_ratio_cocomix_vs_ntp_equal_width"] = steps["cocomix"] / steps["ntp"]
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["a_flop_ratio_cocomix_vs_ntp_wide"] = res["a_cocomix_flops_per_step"] / res["a_ntp-wide_flops_per_step"]
         print(f"(a) CoCoMix / NTP equal width: time {res['a_time_ratio_cocomix_vs_ntp_equal_width']:.2f}x, "
               f"FLOPs {res['a_flop_ratio_cocomix_vs_ntp_equal_width']:.2f}x;  vs width-matched NTP (d={s['d_ntp']}): "
-              f"time {res['a_time_ratio_cocomix_vs_ntp_wide']:.2f}x, FLOPs {res['a_flop_ratio_cocomix_vs_ntp_wide']:.2f}x", flush=True)
+              f"time {res['a_time_ratio_cocomix_vs_ntp_wide']:.2f}x, "
+              f"FLOPs {res['a_flop_ratio_cocomix_vs_ntp_wide']:.2f}x", flush=True)
 
         # (b) from shards vs the reference design -----------------------------------------------
         torch.manual_seed(0)
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["b_shards_step_s"], res["b_reference_step_s"], res["b_speedup"] = ours, ref, ref / ours
         res["b_flop_ratio"] = f_ref / f_ours
         print(f"(b) from shards {ours * 1e3:.1f} ms/step vs reference (teacher fwd+bwd, SAE, dense attribution) "
-              f"{ref * 1e3:.1f} ms/step: {ref / ours:.2f}x faster (target >= 3x); FLOP ratio {f_ref / f_ours:.2f}x", flush=True)
+              f"{ref * 1e3:.1f} ms/step: {ref / ours:.2f}x faster (target >= 3x); "
+              f"FLOP ratio {f_ref / f_ours:.2f}x", flush=True)
 
         # (c) loader vs consumption -------------------------------------------------------------
         n = 0
@@ -257,9 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
         workers = k * 32 / (time.perf_counter() - t0)
         consume = B / ours
         res.update(c_loader_windows_per_s_inprocess=inproc, c_loader_windows_per_s_2workers=workers,
-                   c_trainer_windows_per_s=consume, c_ratio_inprocess=inproc / consume, c_ratio_2workers=workers / consume)
-        print(f"(c) loader {inproc:,.0f} windows/s in-process, {workers:,.0f} windows/s with 2 workers (incl. start-up); "
-              f"trainer consumes {consume:,.1f} windows/s: {inproc / consume:,.0f}x / {workers / consume:,.0f}x (target >= 50x)", flush=True)
+                   c_trainer_windows_per_s=consume, c_ratio_inprocess=inproc / consume,
+                   c_ratio_2workers=workers / consume)
+        print(f"(c) loader {inproc:,.0f} windows/s in-process, "
+              f"{workers:,.0f} windows/s with 2 workers (incl. start-up); "
+              f"trainer consumes {consume:,.1f} windows/s: {inproc / consume:,.0f}x / {workers / consume:,.0f}x "
+              "(target >= 50x)", flush=True)
         ds.close()
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")

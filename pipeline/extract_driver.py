@@ -56,7 +56,8 @@ def build_manifest(p: Plan, done: dict[str, ShardPart], jobs: list[ShardJob], st
                        if cfg.attribution != "preact_x_grad" else "signed top-k over all latents (paper Eq. 1)"),
             "ties": "lower latent id first",
             "last_position": ("windows hold T+1 tokens; input positions 0..T-1 all have a next-token target and a "
-                              "gradient (position T-1's holds only its own loss); token T is a target only and has no record"),
+                              "gradient (position T-1's holds only its own loss); token T is a target only and has "
+                              "no record"),
             "precision": p.settings["precision"],
         },
         settings=stored_settings(p.settings), stats=stats,
@@ -181,8 +182,8 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_worker
                     retries[job.key] = retries.get(job.key, 0) + 1
                     if retries[job.key] > MAX_SHARD_RETRIES:
                         raise ValueError(f"shard {job.key}: its worker process died {MAX_SHARD_RETRIES + 1} times "
-                                         f"({type(e).__name__}; out of memory?); lower --batch-size or --num-workers and "
-                                         "rerun the same command (finished shards are kept)") from e
+                                         f"({type(e).__name__}; out of memory?); lower --batch-size or --num-workers "
+                                         "and rerun the same command (finished shards are kept)") from e
                     log.warning("worker died on %s (%s); retrying (%d/%d)", job.key, type(e).__name__,
                                 retries[job.key], MAX_SHARD_RETRIES)
                     progress.set.remote(job.key, 0)

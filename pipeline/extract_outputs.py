@@ -102,12 +102,14 @@ def check_paths(cfg: ExtractConfig) -> None:
     there = inspect_file_target(str(mp), "--manifest")  # refuses a directory there, or a folder we cannot write
     check_writable_dir(cdir, "--out", cfg.out)
     if cdir in mp.parents:
-        raise ValueError(f"--manifest {mp} lies inside its own concept directory {cdir}; put it elsewhere, e.g. {cfg.out}")
+        raise ValueError(f"--manifest {mp} lies inside its own concept directory {cdir}; "
+                         f"put it elsewhere, e.g. {cfg.out}")
     if there.kind == "other":
         raise ValueError(f"--manifest {mp} holds {there.what}; stage 2 leaves it alone: pass another --manifest: "
                          f"{command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
     if there.kind == "damaged" and not cfg.overwrite:
-        raise ValueError(f"--manifest {mp} holds {there.what}; {_elsewhere(cfg)}; to replace it: {command(cfg, overwrite=True)}")
+        raise ValueError(f"--manifest {mp} holds {there.what}; {_elsewhere(cfg)}; "
+                         f"to replace it: {command(cfg, overwrite=True)}")
     if there.manifest is not None and there.manifest.kind != "concepts":
         free = _free_manifest(cfg, Path(cfg.out) / "concepts.json")
         raise ValueError(f"--manifest {mp} holds {there.what} (stage-1 output, which stage 2 never replaces); pass "
@@ -115,9 +117,10 @@ def check_paths(cfg: ExtractConfig) -> None:
     foreign = _foreign(cdir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValueError(f"concept directory {cdir} holds files stage 2 did not write ({shown}); it writes only its shards "
-                         f"there and never removes other files: move them away, or pass another --manifest (its name "
-                         f"picks the concept directory): {command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
+        raise ValueError(f"concept directory {cdir} holds files stage 2 did not write ({shown}); it writes only its "
+                         f"shards there and never removes other files: move them away, or pass another --manifest "
+                         f"(its name picks the concept directory): "
+                         f"{command(cfg, manifest=str(_free_manifest(cfg)), overwrite=False)}")
 
 
 def _differs(there: dict, settings: dict, ignore: tuple[str, ...]) -> list[str]:
@@ -139,7 +142,8 @@ def check_output(cfg: ExtractConfig, settings: dict, ignore: tuple[str, ...] = (
     if marker.is_file():
         try:
             there = json.loads(marker.read_text())
-            bad = _differs(there, settings, ignore) if isinstance(there, dict) else [f"{EXTRACTION_FILE} is not an object"]
+            bad = (_differs(there, settings, ignore) if isinstance(there, dict)
+                   else [f"{EXTRACTION_FILE} is not an object"])
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             bad = [f"{EXTRACTION_FILE} cannot be read ({e})"]
         if bad and not cfg.overwrite:

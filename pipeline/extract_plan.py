@@ -65,7 +65,8 @@ class ExtractConfig(RunnerConfig):
     zarr_compression: Literal["none", "zstd"] = "none"
     """Zarr compression (--format zarr)."""
     overwrite: bool = False
-    """Replace a different extraction of the same name: only what stage 2 wrote (concept shards, extraction.json, runs.jsonl, a concept manifest), never other files."""
+    """Replace a different extraction of the same name: only what stage 2 wrote (concept shards,
+    extraction.json, runs.jsonl, a concept manifest), never other files."""
     ray_address: str | None = None
     """Ray address (default: RAY_ADDRESS, a running cluster, else embedded; 'local' forces embedded)."""
 
@@ -218,7 +219,8 @@ def verify_token_shards(m: Manifest) -> float:
             raise ValueError(f"token shard {p.path} (listed in {m.path}) is missing{again}")
         size = disk_bytes(p.path)
         if size != p.bytes:
-            raise ValueError(f"token shard {p.path} has {size:,} bytes, {m.path} says {p.bytes:,}: it was changed{again}")
+            raise ValueError(f"token shard {p.path} has {size:,} bytes, {m.path} says {p.bytes:,}: "
+                             f"it was changed{again}")
     for p in parts:
         got = checksum(p.path)
         if got != p.checksum:
@@ -269,8 +271,9 @@ def plan(cfg: ExtractConfig) -> Plan:
         from pipeline.stage1 import TokenizeConfig
         from pipeline.stage1 import run as tokenize
 
-        token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), val_corpus=cfg.val_corpus, tokenizer=cfg.teacher,
-                                                 out=str(Path(cfg.out) / "tokens"), seq_len=cfg.seq_len,
+        token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), val_corpus=cfg.val_corpus,
+                                                 tokenizer=cfg.teacher, out=str(Path(cfg.out) / "tokens"),
+                                                 seq_len=cfg.seq_len,
                                                  ray_address=cfg.ray_address))
         check_tokens(token_manifest, teacher)
         verify_token_shards(token_manifest)
@@ -336,6 +339,6 @@ def check_space(p: Plan, todo: list[ShardJob]) -> None:
         top = top.parent
     free = shutil.disk_usage(top).free
     if need > free:
-        raise ValueError(f"--out: the {len(todo)} concept shard(s) still to write need about {size_text(need)}, the disk "
-                         f"of {top} has {size_text(free)} free; free some space and rerun the same command, or pass "
-                         "another --out")
+        raise ValueError(f"--out: the {len(todo)} concept shard(s) still to write need about {size_text(need)}, "
+                         f"the disk of {top} has {size_text(free)} free; free some space and rerun the same command, "
+                         "or pass another --out")

@@ -63,7 +63,8 @@ class ExtractWorker:
         verify_part(job.tokens)
         reader = open_shard(job.tokens.path, job.tokens.format, {"tokens": job.token_spec})
         if len(reader) != job.windows:
-            raise ValueError(f"token shard {job.tokens.path} has {len(reader)} windows, the manifest says {job.windows}")
+            raise ValueError(f"token shard {job.tokens.path} has {len(reader)} windows, "
+                             f"the manifest says {job.windows}")
         tokens = reader.arrays()["tokens"]  # (n, T+1), a view over the mapped file
         fields = record_fields(job.seq_len, self.runner.n_latents, self.runner.cfg)
         try:
@@ -89,7 +90,8 @@ class ExtractWorker:
                 if self.progress is not None:
                     self.progress.set.remote(job.key, stats.tokens)
             part = writer.close()
-        except OSError as e:  # disk full / read-only: a ValueError reaches the CLI as one line (extract_driver._our_error)
+        except OSError as e:
+            # disk full / read-only: a ValueError reaches the CLI as one line (extract_driver._our_error)
             writer.abort()
             raise ValueError(f"writing concept shard {job.out}: {e.strerror or e}; free some space (or pass another "
                              "--out) and rerun the same command: finished shards are kept") from e

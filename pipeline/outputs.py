@@ -86,7 +86,8 @@ def check_writable_dir(target: Path, flag: str, shown: str | None = None) -> Non
         raise ValueError(f"{flag} {shown!r}: {str(anc)!r} is a file, so no directory can be made under it; "
                          f"pass another {flag}")
     if os.statvfs(anc).f_flag & os.ST_RDONLY:
-        raise ValueError(f"{flag} {shown!r}: {str(anc)!r} is on a read-only file system; pass a path on writable storage")
+        raise ValueError(f"{flag} {shown!r}: {str(anc)!r} is on a read-only file system; "
+                         "pass a path on writable storage")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {shown!r}: {str(anc)!r} is not writable by this user; pass another {flag}")
 

@@ -254,7 +254,9 @@ def check_job_paths(paths: dict[str, str | Sequence[str] | None]) -> None:
 # -- actors ---------------------------------------------------------------------------------------
 
 
-def ordered_map(actors: list[Any], method: str, items: Iterable[Any], max_in_flight: int | None = None) -> Iterator[Any]:
+def ordered_map(
+    actors: list[Any], method: str, items: Iterable[Any], max_in_flight: int | None = None
+) -> Iterator[Any]:
     """Call ``actor.<method>(item)`` round-robin over ``actors`` and yield results in item order.
 
     At most ``max_in_flight`` calls are pending (default 2 per actor), so a streamed corpus is never

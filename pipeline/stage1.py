@@ -54,7 +54,8 @@ from shards.runlog import RUN_LOG, append_run
 
 # The public API (pipeline/demo.py, stage 2, the benchmarks and tests import it from here).
 __all__ = ["TokenizeConfig", "run", "main", "build_parser", "config_from_args", "in_val", "command_line", "Encoder",
-           "encoder_payload", "SplitWriter", "OutDir", "survey_out", "check_out", "check_manifest_target", "SETTINGS_FILE"]
+           "encoder_payload", "SplitWriter", "OutDir", "survey_out", "check_out", "check_manifest_target",
+           "SETTINGS_FILE"]
 
 log = logging.getLogger("pipeline.stage1")
 
@@ -72,7 +73,8 @@ def run(cfg: TokenizeConfig) -> Manifest:
     from pipeline.raylib import check_job_paths, cpus_per_actor, init_ray, ordered_map
 
     # Inside `ray job submit`, a relative path would land in Ray's temporary copy of --working-dir.
-    check_job_paths({"--out": cfg.out, "--manifest": cfg.manifest, "--corpus": cfg.corpus, "--val-corpus": cfg.val_corpus})
+    check_job_paths({"--out": cfg.out, "--manifest": cfg.manifest, "--corpus": cfg.corpus,
+                     "--val-corpus": cfg.val_corpus})
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     corpus_cfg = cfg.corpus_config()
     from common.corpus import check_sources
@@ -204,7 +206,8 @@ def run(cfg: TokenizeConfig) -> Manifest:
     save_manifest(manifest, out / "manifest.json", "--out")
     (out / SETTINGS_FILE).unlink(missing_ok=True)
     append_run(out, {"command": "pipeline.stage1", "outcome": "wrote", "started": started,
-                          "wall_s": round(elapsed, 2), "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                          "wall_s": round(elapsed, 2), "tokens": tokens,
+                          "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                           "num_workers": n_workers, "ray": mode, "manifest": str(manifest.path),
                           "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
     return manifest

@@ -86,7 +86,9 @@ def actor_class():
     return TokenizerActor
 
 
-def make_batches(pieces: Iterator[tuple[str | None, Piece]], batch_chars: int) -> Iterator[list[tuple[str | None, Piece]]]:
+def make_batches(
+    pieces: Iterator[tuple[str | None, Piece]], batch_chars: int
+) -> Iterator[list[tuple[str | None, Piece]]]:
     """Group (split, piece) pairs into batches of about ``batch_chars`` characters."""
     batch: list[tuple[str | None, Piece]] = []
     size = 0

@@ -36,7 +36,9 @@ SETTINGS_FILE = ".stage1-settings.json"  # the settings of an unfinished run (re
 # The only names stage 1 writes in --out: shards, manifest.json, SETTINGS_FILE, RUN_LOG and the
 # temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.(arrow|zarr)$")
-_TEMPORARY = re.compile(r"^\.((train|val)-\d{5}\.(arrow|zarr)|manifest\.json|\.stage1-settings\.json)\.tmp-[0-9a-f]{8}$")
+_TEMPORARY = re.compile(
+    r"^\.((train|val)-\d{5}\.(arrow|zarr)|manifest\.json|\.stage1-settings\.json)\.tmp-[0-9a-f]{8}$"
+)
 
 
 @dataclass
@@ -57,7 +59,8 @@ class OutDir:
 def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
     """Sort the entries of ``out``. Ours: a cocomix manifest.json, the settings file, temporaries of
     our names, and shards (``train-00000.arrow``, ``val-00003.zarr/`` whose content is a cocomix shard:
-    pipeline.outputs.is_cocomix_shard) beside our manifest or settings file; ``manifest_copy`` (this run's ``--manifest``) is judged on its own. All else is foreign."""
+    pipeline.outputs.is_cocomix_shard) beside our manifest or settings file; ``manifest_copy`` (this
+    run's ``--manifest``) is judged on its own. All else is foreign."""
     d = OutDir(out)
     if not out.is_dir():
         return d
@@ -79,7 +82,9 @@ def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
                 or _TEMPORARY.match(n) or (marked and _SHARD_NAME.match(n) and e.is_dir() == n.endswith(".zarr")
                                            and is_cocomix_shard(e)):
             d.ours.append(e)
-        elif (n == RUN_LOG and is_run_log(e, "pipeline.stage1")) or (manifest_copy is not None and e.absolute() == manifest_copy):
+        elif (n == RUN_LOG and is_run_log(e, "pipeline.stage1")) or (
+            manifest_copy is not None and e.absolute() == manifest_copy
+        ):
             continue
         else:
             d.foreign.append(n + ("/" if e.is_dir() else ""))
@@ -94,7 +99,8 @@ def _settings_diff(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{j}: {a.get(j)!r} there, {b.get(j)!r} now" for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+            out += [f"{k}.{j}: {a.get(j)!r} there, {b.get(j)!r} now"
+                    for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
         else:
             out.append(f"{k}: {a!r} there, {b!r} now")
     return out
@@ -139,9 +145,10 @@ def check_out(cfg: TokenizeConfig) -> OutDir:
     d = survey_out(out, Path(cfg.manifest).absolute() if cfg.manifest else None)
     if d.foreign:
         shown = shown_names(d.foreign)
-        raise ValueError(f"--out {cfg.out!r} holds {len(d.foreign)} entr{'y' if len(d.foreign) == 1 else 'ies'} stage 1 "
-                         f"did not write ({shown}); stage 1 writes only into a directory of its own and never deletes "
-                         "or writes beside other files: pass a new or empty --out, or move those files elsewhere")
+        raise ValueError(f"--out {cfg.out!r} holds {len(d.foreign)} entr{'y' if len(d.foreign) == 1 else 'ies'} "
+                         f"stage 1 did not write ({shown}); stage 1 writes only into a directory of its own and never "
+                         "deletes or writes beside other files: pass a new or empty --out, or move those files "
+                         "elsewhere")
     return d
 
 
@@ -195,7 +202,8 @@ def prepare_out(d: OutDir, cfg: TokenizeConfig, settings: dict) -> Manifest | No
             if e.name != SETTINGS_FILE:
                 remove_entry(e)
     except OSError as e:
-        raise ValueError(f"--out {cfg.out!r}: cannot prepare the output directory: {why(e)} ({e.filename or out})") from e
+        raise ValueError(f"--out {cfg.out!r}: cannot prepare the output directory: "
+                         f"{why(e)} ({e.filename or out})") from e
     return None
 
 

@@ -44,7 +44,9 @@ class SplitWriter:
         n = (len(self.buf) - 1) // self.T  # windows that fit: each needs T + 1 tokens
         if n > 0:
             # Window i = buf[i*T : i*T + T + 1]: a strided view, copied once (no (n, T+1) index array).
-            self.blocks.append(np.lib.stride_tricks.sliding_window_view(self.buf, self.T + 1)[: n * self.T : self.T].copy())
+            self.blocks.append(
+                np.lib.stride_tricks.sliding_window_view(self.buf, self.T + 1)[: n * self.T : self.T].copy()
+            )
             self.buf = self.buf[n * self.T :].copy()
             self.pending += n
             self.windows += n
@@ -92,4 +94,5 @@ class SplitWriter:
         s = self.manifest.splits.setdefault(self.name, Split())
         # Tokens not in any window: the stream's tail after the last window's final token.
         kept = self.windows * self.T + (1 if self.windows else 0)
-        s.extra.update(documents=self.documents, stream_tokens=self.stream_tokens, tail_tokens=self.stream_tokens - kept)
+        s.extra.update(documents=self.documents, stream_tokens=self.stream_tokens,
+                       tail_tokens=self.stream_tokens - kept)

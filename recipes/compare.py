@@ -73,7 +73,8 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> Path | None:
         for i, (mode, c) in enumerate(curves.items()):
             color = f"C{i}"
             for seed_curve in c["seeds"].values():
-                ax.plot([p[x] for p in seed_curve], [p["val_loss"] for p in seed_curve], color=color, alpha=0.25, lw=0.8)
+                ax.plot([p[x] for p in seed_curve], [p["val_loss"] for p in seed_curve], color=color, alpha=0.25,
+                        lw=0.8)
             m = c["mean"]
             ax.plot([p[x] for p in m], [p["val_loss"] for p in m], color=color, marker="o", ms=3,
                     label=f"{mode} (mean of {len(c['seeds'])} seed(s))")

@@ -145,7 +145,8 @@ def run(a: DemoConfig) -> int:
     record.write_text(json.dumps(chosen, indent=2))
     corpus = a.corpus or [str(write_sotu_corpus(run_dir / "corpus" / f"sotu-{a.corpus_chars}.txt", a.corpus_chars))]
     tok_m = tokenize(TokenizeConfig(corpus=corpus, tokenizer=a.teacher, out=str(run_dir / "tokens"), seq_len=a.seq_len,
-                                    val_fraction=a.val_fraction, manifest=str(mdir / "demo-tokens.json"), ray_address=a.ray_address))
+                                    val_fraction=a.val_fraction, manifest=str(mdir / "demo-tokens.json"),
+                                    ray_address=a.ray_address))
     walls["stage 1"] = time.perf_counter() - t
 
     t = announce(2, 6, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}", lead="\n")
@@ -158,8 +159,9 @@ def run(a: DemoConfig) -> int:
     t = announce(3, 6, "stage 2: teacher + SAE -> concept labels (Ray)", lead="\n")
     # A freshly trained SAE replaces the labels of an earlier one under the same manifest name.
     concept_manifest = mdir / "demo.json"
-    m = extract_concepts(ExtractConfig(tokens=str(run_dir / "tokens"), teacher=a.teacher, sae=str(sae_dir), out=str(run_dir),
-                                       manifest=str(concept_manifest), k_mix=a.sae_k, ray_address=a.ray_address,
+    m = extract_concepts(ExtractConfig(tokens=str(run_dir / "tokens"), teacher=a.teacher, sae=str(sae_dir),
+                                       out=str(run_dir), manifest=str(concept_manifest), k_mix=a.sae_k,
+                                       ray_address=a.ray_address,
                                        overwrite=fresh_sae))
     walls["stage 2"] = time.perf_counter() - t
 
@@ -187,7 +189,8 @@ def run(a: DemoConfig) -> int:
     walls["generation"] = time.perf_counter() - t
 
     announce(6, 6, "summary", lead="\n")
-    png = plot({k.upper() if k == "ntp" else "CoCoMix": v["curve"] for k, v in results.items()}, run_dir / "val_curves.png")
+    png = plot({k.upper() if k == "ntp" else "CoCoMix": v["curve"] for k, v in results.items()},
+               run_dir / "val_curves.png")
     summary = {
         "corpus": {"documents": tok_m.corpus["documents"], "bytes": tok_m.corpus["bytes"]},
         "windows": {s: sp.windows for s, sp in tok_m.splits.items()}, "seq_len": tok_m.seq_len,
@@ -200,9 +203,11 @@ def run(a: DemoConfig) -> int:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"  corpus: {tok_m.corpus['documents']} documents -> {summary['windows']} windows of {tok_m.seq_len} tokens")
-    print(f"  SAE: FVU {sae_summary.get('fvu', float('nan')):.3f}, L0 {sae_summary.get('l0')}, dead {sae_summary.get('dead_fraction')}")
+    print(f"  SAE: FVU {sae_summary.get('fvu', float('nan')):.3f}, L0 {sae_summary.get('l0')}, "
+          f"dead {sae_summary.get('dead_fraction')}")
     for k, v in summary["students"].items():
-        print(f"  {k:8s} final val loss {v['final_val_loss']:.3f} after {v['tokens']:,} tokens ({v['params']:,} params)")
+        print(f"  {k:8s} final val loss {v['final_val_loss']:.3f} after {v['tokens']:,} tokens "
+              f"({v['params']:,} params)")
     print(f"  prompt:   {a.prompt!r}")
     print(f"  CoCoMix:  {gens['plain']!r}")
     print(f"  steered (concept {cid} x {a.steer_scale}, the most frequent first label): {gens['steered']!r}")

@@ -187,14 +187,16 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
         (out / "walls.json").write_text(json.dumps(walls, indent=2))
 
     t = announce(1, 5, f"stage 1: {cfg.corpus} (train) + {cfg.val_corpus} (val) -> {ext / 'tokens'}")
-    tok_m = tokenize(TokenizeConfig(corpus=[_repo_path(p) for p in cfg.corpus], val_corpus=[_repo_path(p) for p in cfg.val_corpus],
-                                    tokenizer=cfg.teacher, out=str(ext / "tokens"), seq_len=cfg.seq_len, shard_mb=cfg.shard_mb,
-                                    ray_address=ray_address))
+    tok_m = tokenize(TokenizeConfig(corpus=[_repo_path(p) for p in cfg.corpus],
+                                    val_corpus=[_repo_path(p) for p in cfg.val_corpus],
+                                    tokenizer=cfg.teacher, out=str(ext / "tokens"), seq_len=cfg.seq_len,
+                                    shard_mb=cfg.shard_mb, ray_address=ray_address))
     walls.setdefault("stage 1", round(time.perf_counter() - t, 1))
     if until == "tokens":
         return None
 
-    t = announce(2, 5, f"SAE: {cfg.sae_latents} latents, TopK {cfg.sae_k}, block {cfg.layer}, {cfg.sae_tokens:,} tokens")
+    t = announce(2, 5, f"SAE: {cfg.sae_latents} latents, TopK {cfg.sae_k}, block {cfg.layer}, "
+                       f"{cfg.sae_tokens:,} tokens")
     sae_dir = ext / "sae"
     sae_summary, fresh = train_sae(SaeConfig(
         teacher=cfg.teacher, layer=cfg.layer, tokens=str(ext / "tokens"), n_latents=cfg.sae_latents, k=cfg.sae_k,
@@ -258,7 +260,8 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
         "vs_ntp": {mode: compare(base, c["mean"]) for mode, c in curves.items() if mode != "ntp"},
         "wall_s": walls,
     }
-    png = plot(curves, out / "efficiency.png", f"{cfg.name}: {cfg.preset} students, teacher {cfg.teacher} (block {cfg.layer})")
+    png = plot(curves, out / "efficiency.png",
+               f"{cfg.name}: {cfg.preset} students, teacher {cfg.teacher} (block {cfg.layer})")
     report["plot"] = str(png) if png else None
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -153,7 +153,8 @@ def check_tokens(tokens: str, split: str) -> int:
     try:
         m = load_manifest(tokens)
     except ValueError as e:
-        raise ValueError(f"--tokens {tokens}: {one_line(e)}; pass a stage-1 output directory (pipeline/stage1.py)") from e
+        raise ValueError(f"--tokens {tokens}: {one_line(e)}; "
+                         "pass a stage-1 output directory (pipeline/stage1.py)") from e
     if split not in m.splits:
         raise ValueError(f"--split {split!r}: {tokens} has no such split (it has {', '.join(sorted(m.splits))})")
     if "tokens" not in m.fields:

@@ -179,7 +179,8 @@ def evaluate(cfg: EvalConfig, sae=None, model=None) -> dict:
             stats: dict[str, torch.Tensor] = {}
             with capture_residual(model, sae.hook, edit=_splicer(sae, B, stats)):
                 logits = model(ids.repeat(3, 1), use_cache=False).logits  # (3B, T, V)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids.repeat(3, 1)[:, 1:].flatten(), reduction="none")
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids.repeat(3, 1)[:, 1:].flatten(),
+                                  reduction="none")
             nll = nll.view(3, -1)  # (3, B*(T-1))
             for i, key in enumerate(("clean", "sae", "zero")):
                 sums[key] += nll[i].sum().item()
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens to evaluate (default: 16384)")
     p.add_argument("--batch-windows", type=int, default=4, help="windows per forward (default: 4)")
     p.add_argument("--layer", type=int, default=None,
-                   help="override the SAE's hook layer: 0-based, -1 = the last block (as in Python), recorded non-negative")
+                   help="override the SAE's hook layer: 0-based, -1 = the last block (as in Python), "
+                        "recorded non-negative")
     p.add_argument("--dense-threshold", type=float, default=0.1, help="firing rate counted as dense (default: 0.1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="metrics JSON path (default: <sae>/eval.json)")

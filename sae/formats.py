@@ -56,7 +56,8 @@ def detect_format(path: str | os.PathLike) -> str:
             "directory is incomplete; copy its weights file too"
         )
     if (p / SAELENS_WEIGHTS).is_file() or (p / SPARSIFY_WEIGHTS).is_file():
-        raise ValueError(f"{p}: has SAE weights but no cfg.json: the SAE directory is incomplete; copy its cfg.json too")
+        raise ValueError(f"{p}: has SAE weights but no cfg.json: the SAE directory is incomplete; "
+                         "copy its cfg.json too")
     if (p / "train_config.json").is_file() and (p / "checkpoint").is_dir():
         raise ValueError(
             f"{p}: an sae.train run that has not finished (no final SAE yet): rerun its sae.train command to "
@@ -87,7 +88,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read safetensors weights ({e}): the file is truncated or corrupt; copy it again") from e
+        raise ValueError(f"{path}: cannot read safetensors weights ({e}): "
+                         "the file is truncated or corrupt; copy it again") from e
 
 
 def _need(tensors: dict, name: str, source: Path) -> torch.Tensor:
@@ -287,7 +289,9 @@ def _load_saelens(path: Path, normalize: str | None) -> SparseAutoencoder:
     if cfg.get("rescale_acts_by_decoder_norm"):
         # pre * ||W_dec[i]|| picks the top k and decode uses W_dec[i] / ||W_dec[i]||: fold the norms.
         norms = t["W_dec"].norm(dim=-1)
-        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * norms[:, None], t["b_enc"] * norms, t["W_dec"] / norms[:, None]
+        t["W_enc"], t["b_enc"], t["W_dec"] = (
+            t["W_enc"] * norms[:, None], t["b_enc"] * norms, t["W_dec"] / norms[:, None]
+        )
         if "threshold" in t:
             t["threshold"] = t["threshold"] * norms
         folded.append("rescale_acts_by_decoder_norm")
@@ -322,7 +326,9 @@ def _load_saelens(path: Path, normalize: str | None) -> SparseAutoencoder:
 
 
 # --------------------------------------------------------------------------- sparsify
-_SPARSIFY_HOOK = re.compile(r"^(?:transformer\.|model\.|gpt_neox\.)?(?:h|layers)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$")
+_SPARSIFY_HOOK = re.compile(
+    r"^(?:transformer\.|model\.|gpt_neox\.)?(?:h|layers)\.(\d+)(?:\.(mlp|self_attn|attn|attention))?$"
+)
 
 
 def _sparsify_hook(name: str) -> HookSpec:

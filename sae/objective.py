@@ -41,7 +41,9 @@ def init_sae(cfg: TrainConfig, d_in: int, sample: torch.Tensor, hook: HookSpec) 
     return sae
 
 
-def auxk_loss(sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+def auxk_loss(
+    sae: SparseAutoencoder, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> torch.Tensor:
     """Gao et al. 2024 §A.2: reconstruct the main loss's residual from the top-k_aux dead latents."""
     n_dead = int(dead.sum())
     if n_dead == 0:

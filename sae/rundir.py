@@ -176,8 +176,9 @@ def _plan_out(out: Path, current: dict, resume: bool, overwrite: bool, argv: lis
     if resume:
         for k in diffs:
             if k in MUST_MATCH_ON_RESUME:
-                raise ValueError(f"--resume: {k}={current[k]!r} differs from the run's {saved.get(k)!r} in {out}; pass the "
-                                 f"run's own value, or replace the run: {train_command(argv, ['--overwrite'], ('--resume',))}")
+                raise ValueError(f"--resume: {k}={current[k]!r} differs from the run's {saved.get(k)!r} in {out}; "
+                                 f"pass the run's own value, or replace the run: "
+                                 f"{train_command(argv, ['--overwrite'], ('--resume',))}")
         if not has_ckpt:
             raise ValueError(f"--resume: no checkpoint in {out / CHECKPOINT}; drop --resume to start the run over")
         return OutPlan("resume")

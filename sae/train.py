@@ -169,7 +169,8 @@ class Trainer:
         saved = state["config"]
         for key in MUST_MATCH_ON_RESUME:
             if key in saved and saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"--resume: {key}={getattr(self.cfg, key)!r} differs from the checkpoint's {saved[key]!r}; "
+                raise ValueError(f"--resume: {key}={getattr(self.cfg, key)!r} differs from the checkpoint's "
+                                 f"{saved[key]!r}; "
                                  f"pass the run's own value, or start over: {self.plan.command(['--overwrite'])}")
         self.sae = load_sae(d, device=self.cfg.device)
         self.sae.source = str(self.out)
@@ -208,7 +209,8 @@ class Trainer:
         cfg = self.cfg
         if self.plan.overwrite:
             kept = remove_ours(self.out)
-            what = "--overwrite: removed the sae.train run" if cfg.overwrite else "replaced an attempt that stopped before its first checkpoint"
+            what = ("--overwrite: removed the sae.train run" if cfg.overwrite
+                    else "replaced an attempt that stopped before its first checkpoint")
             print(f"{what} in {self.out}" + (f" (kept {len(kept)} other entries)" if kept else ""), file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.plan.action == "resume":
@@ -278,7 +280,8 @@ class Trainer:
                     x = self.buffer.next_batch(cfg.batch_size)
                     metrics = self.last_metrics = self.train_step(x)
                     bar.update(len(x))
-                    bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead']:.3f}")
+                    bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}",
+                                    dead=f"{metrics['dead']:.3f}")
                     if self.step % cfg.log_every == 0:
                         log.write(json.dumps(metrics | {"wall_s": round(time.time() - t0, 1)}) + "\n")
                         log.flush()
@@ -303,7 +306,8 @@ class Trainer:
 
 def train_record(cfg: TrainConfig) -> dict:
     """What train_config.json holds: the settings, the layer non-negative, and the resolved defaults."""
-    return dataclasses.asdict(cfg) | {"lr_resolved": cfg.resolved_lr(), "dead_tokens_resolved": cfg.resolved_dead_tokens()}
+    return dataclasses.asdict(cfg) | {"lr_resolved": cfg.resolved_lr(),
+                                      "dead_tokens_resolved": cfg.resolved_dead_tokens()}
 
 
 def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Module | None, OutPlan]:
@@ -312,7 +316,8 @@ def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Mo
     (GGUF), and what to do with --out."""
     check_device(cfg.device)
     window = check_window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.seq_len)
-    shape, teacher = teacher_shape(cfg.teacher, cfg.device, cfg.teacher_dtype)  # teacher: GGUF, loaded to learn its shape
+    # teacher: GGUF, loaded to learn its shape
+    shape, teacher = teacher_shape(cfg.teacher, cfg.device, cfg.teacher_dtype)
     cfg = dataclasses.replace(cfg, layer=resolve_layer(cfg.layer, shape.n_blocks))
     check_window(window, shape, "--seq-len" if not cfg.tokens else f"--tokens {cfg.tokens}: window length")
     plan = plan_out(Path(cfg.out), train_record(cfg), cfg.resume, cfg.overwrite, argv)

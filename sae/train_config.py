@@ -127,4 +127,5 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
 
     def resolved_dead_tokens(self) -> int:
-        return self.dead_tokens if self.dead_tokens is not None else max(self.batch_size, min(10_000_000, self.max_tokens // 10))
+        return (self.dead_tokens if self.dead_tokens is not None
+                else max(self.batch_size, min(10_000_000, self.max_tokens // 10)))
