@@ -98,8 +98,9 @@ def stage2_data(tmp_path_factory, tiny_teacher_dir, ray_local) -> Path:
     # take documents until it does too.
     for n in range(7, 50, 4):
         corpus = write_corpus(root / "corpus.txt", [d[:900] for d in owt_documents(n)])
-        tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir), out=str(root / "tokens"),
-                                         seq_len=STAGE2_T, shard_mb=0.0012, val_fraction=0.3, overwrite=True))
+        tokens = tokenize(TokenizeConfig(corpus=[str(corpus)], tokenizer=str(tiny_teacher_dir),
+                                         out=str(root / "tokens"), seq_len=STAGE2_T, shard_mb=0.0012, val_fraction=0.3,
+                                         overwrite=True))
         if len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0:
             break
     assert len(tokens.splits["train"].shards) >= 4 and tokens.splits["val"].windows > 0

@@ -109,4 +109,5 @@ def test_k_larger_than_candidates_is_an_error():
     with pytest.raises(ValueError, match="candidate"):
         top_positive(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), 4)
     with pytest.raises(ValueError, match="unknown attribution"):
-        attribution_labels("bogus", 1, torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.zeros(3, 2))
+        attribution_labels("bogus", 1, torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1),
+                           torch.zeros(3, 2))

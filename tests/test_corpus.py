@@ -46,7 +46,8 @@ def test_jsonl_parquet_dir_and_glob(tmp_path):
     pq.write_table(pa.table({"body": docs[3:]}), d / "sub" / "b.parquet", row_group_size=1)
     got, stats = read([d], text_field="body")
     assert [t for _, t in got] == docs
-    assert [i for i, _ in got] == ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2", "sub/b.parquet:0", "sub/b.parquet:1", "sub/b.parquet:2"]
+    assert [i for i, _ in got] == ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2",
+                                   "sub/b.parquet:0", "sub/b.parquet:1", "sub/b.parquet:2"]
     got2, _ = read([str(d) + "/**/*.parquet"], text_field="body")
     assert [t for _, t in got2] == docs[3:]
     with pytest.raises(ValueError, match="no column 'text'"):

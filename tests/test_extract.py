@@ -35,9 +35,9 @@ def test_end_to_end_records_match_the_runner(stage2_data, tiny_teacher_dir):
     assert sh.parts["concepts"].path.parent == (stage2_data / "out" / "concepts" / "a").resolve()
     raw = json.loads((stage2_data / "out" / "a.json").read_text())
     assert not raw["splits"]["train"]["shards"][0]["parts"]["tokens"]["path"].startswith("/")
-    expected = {"tokens": ("uint16", (T + 1,)), "concept_ids": ("uint16", (T, 4)), "concept_scores": ("float16", (T, 4)),
-                "mix_ids": ("uint16", (T, 4)), "mix_vals": ("float16", (T, 4)), "kd_ids": ("int32", (T, 2)),
-                "kd_logprobs": ("float16", (T, 2)), "teacher_nll": ("float16", (T,))}
+    expected = {"tokens": ("uint16", (T + 1,)), "concept_ids": ("uint16", (T, 4)),
+                "concept_scores": ("float16", (T, 4)), "mix_ids": ("uint16", (T, 4)), "mix_vals": ("float16", (T, 4)),
+                "kd_ids": ("int32", (T, 2)), "kd_logprobs": ("float16", (T, 2)), "teacher_nll": ("float16", (T,))}
     assert {k: (v.dtype, v.shape) for k, v in m2.fields.items()} == expected
 
     # Every window's records equal a direct runner call on its tokens (same teacher, same SAE).
@@ -70,8 +70,8 @@ def test_rerun_skips_and_swap_sae_writes_a_second_manifest(stage2_data, tiny_tea
     assert "throughput" not in last and last["shards"]["to_do"] == 0 and last["outcome"] == "complete"
     assert cfg_a.manifest_path.read_bytes() == first and all_bytes(cfg_a.concept_dir) == before
 
-    cfg_b = extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"), manifest=str(stage2_data / "out" / "b.json"),
-                   attribution="activation")
+    cfg_b = extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"),
+                           manifest=str(stage2_data / "out" / "b.json"), attribution="activation")
     mb = run(cfg_b)
     assert mb.sae["n_latents"] == 200 and mb.hook["layer"] == 0 and mb.attribution["variant"] == "activation"
     ma = load_manifest(stage2_data / "out" / "a.json")  # still valid, untouched
@@ -83,7 +83,8 @@ def test_rerun_skips_and_swap_sae_writes_a_second_manifest(stage2_data, tiny_tea
 
     # The same manifest name with a different SAE is a different extraction: refused, nothing written.
     with pytest.raises(ValueError, match="different extraction"):
-        run(extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"), manifest=str(stage2_data / "out" / "a.json")))
+        run(extract_config(stage2_data, tiny_teacher_dir, sae=str(stage2_data / "sae_b"),
+                           manifest=str(stage2_data / "out" / "a.json")))
     assert all_bytes(cfg_a.concept_dir) == before
 
 

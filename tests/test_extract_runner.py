@@ -178,7 +178,8 @@ def test_negative_layer_counts_from_the_last_block():
         return RunnerConfig(teacher="t", sae="s", layer=layer, k_mix=6)
 
     assert [check_compatible(sae, cfg(v), 2, D) for v in (-1, -2, 1, None)] == [1, 0, 1, 1]
-    with pytest.raises(ValueError, match=r"--layer -3 is out of range: the teacher has 2 blocks, 0\.\.1 \(or -2\.\.-1 counting"):
+    with pytest.raises(ValueError,
+                       match=r"--layer -3 is out of range: the teacher has 2 blocks, 0\.\.1 \(or -2\.\.-1 counting"):
         check_compatible(sae, cfg(-3), 2, D)
     with pytest.raises(ValueError, match="hook layer 5 is out of range.*pass the right --teacher or --sae"):
         check_compatible(random_sae(layer=5), cfg(None), 2, D)

@@ -163,7 +163,8 @@ def test_presets_and_flops_ratio():
     with torch.device("meta"):
         co, ntp = GPT(get_preset("69m", "cocomix")), GPT(get_preset("69m", "ntp"))
     assert co.cfg.n_layer == 8 and co.cfg.d_model == 512 and co.cfg.concept.insert_layer == 3
-    assert ntp.cfg.d_model == 624 and get_preset("386m", "ntp").d_model == 1072 and get_preset("1.38b", "kd").d_model == 2096
+    assert (ntp.cfg.d_model == 624 and get_preset("386m", "ntp").d_model == 1072
+            and get_preset("1.38b", "kd").d_model == 2096)
     r = co.flops_per_token(1024) / ntp.flops_per_token(1024)
     assert 1.1 < r < 2.0
     # flops_per_token matches a direct count for a tiny NTP model: 6 * matmul params + attention.

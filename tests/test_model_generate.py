@@ -25,8 +25,10 @@ def test_cache_equals_no_cache(mix, temperature):
     model = model_for(mix)
     prompt = [3, 14, 15, 92, 65]
     steer = {7: 4.0} if mix else None
-    a = generate(model, prompt, 20, temperature=temperature, top_k=10, steer=steer, show_concepts=3 if mix else 0, use_cache=True, seed=1)
-    b = generate(model, prompt, 20, temperature=temperature, top_k=10, steer=steer, show_concepts=3 if mix else 0, use_cache=False, seed=1)
+    a = generate(model, prompt, 20, temperature=temperature, top_k=10, steer=steer, show_concepts=3 if mix else 0,
+                 use_cache=True, seed=1)
+    b = generate(model, prompt, 20, temperature=temperature, top_k=10, steer=steer, show_concepts=3 if mix else 0,
+                 use_cache=False, seed=1)
     assert a.tokens == b.tokens
     assert a.concepts == b.concepts
     for x, y in zip(a.logits, b.logits, strict=True):
@@ -96,7 +98,8 @@ def test_generate_cli_decodes_with_the_recorded_smollm2_tokenizer(tmp_path):
                       concept=ConceptConfig(n_concepts=64, insert_layer=1, topk=4))
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters())
-    checkpoint.save(tmp_path / "ckpt", model, opt, {"model": cfg.to_dict(), "tokenizer": info}, {"step": 0, "tokens": 0})
+    checkpoint.save(tmp_path / "ckpt", model, opt, {"model": cfg.to_dict(), "tokenizer": info},
+                    {"step": 0, "tokens": 0})
     g = generate_main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "The cat sat on", "--max-new-tokens", "5",
                        "--steer", "3=4", "--show-concepts", "2", "--temperature", "0", "--ignore-eos"])
     assert len(g.tokens) == 5 and len(g.concepts) == 5

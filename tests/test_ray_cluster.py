@@ -124,7 +124,8 @@ def test_relative_paths_are_refused_inside_a_ray_job(monkeypatch, tmp_path):
     monkeypatch.setenv(JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"},
                                             "metadata": {"job_submission_id": "raysubmit_T"}}))
     check_job_paths({"--out": str(tmp_path), "--corpus": ["hf:openwebtext", str(tmp_path)], "--manifest": None})
-    with pytest.raises(ValueError, match=r"--corpus 'c\.txt' is a relative path.*raysubmit_T.*--corpus /mnt/efs/c\.txt"):
+    with pytest.raises(ValueError,
+                       match=r"--corpus 'c\.txt' is a relative path.*raysubmit_T.*--corpus /mnt/efs/c\.txt"):
         check_job_paths({"--out": str(tmp_path), "--corpus": [str(tmp_path), "c.txt"]})
     # Both stages' CLIs refuse before any work: one `error:` line, exit 2, nothing written.
     from pipeline.extract import main as extract_main
@@ -166,12 +167,14 @@ def test_an_address_nobody_answers_on_fails_fast(tmp_path, tiny_tokenizer_dir):
     corpus = write_corpus(tmp_path / "c.txt", owt_documents(2))
     port = free_port()
     env = clean_env(RAY_TMPDIR=str(tmp_path))
-    rc, out, seconds = run_cli(["-m", "pipeline.stage1", "--corpus", str(corpus), "--tokenizer", str(tiny_tokenizer_dir),
-                                "--seq-len", "16", "--out", str(tmp_path / "toks"), "--ray-address", f"127.0.0.1:{port}"],
+    rc, out, seconds = run_cli(["-m", "pipeline.stage1", "--corpus", str(corpus),
+                                "--tokenizer", str(tiny_tokenizer_dir), "--seq-len", "16",
+                                "--out", str(tmp_path / "toks"), "--ray-address", f"127.0.0.1:{port}"],
                                env, 60)
     last = out.strip().splitlines()[-1]
     assert rc == 2 and seconds < 30 and "Traceback" not in out, out
-    assert last.startswith(f"error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there") and "--ray-address local" in last
+    assert (last.startswith(f"error: --ray-address 127.0.0.1:{port}: no Ray cluster answers there")
+            and "--ray-address local" in last)
     assert not (tmp_path / "toks" / "manifest.json").exists()
     # The default address finds the cluster that the last `ray start` on this machine recorded; a stale
     # record (its head is gone) is the same error, naming where the address came from. A dashboard URL is
@@ -180,8 +183,12 @@ def test_an_address_nobody_answers_on_fails_fast(tmp_path, tiny_tokenizer_dir):
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
     rc, out, _ = run_cli(["-c", STALE, "", "http://127.0.0.1:8265"], {**env, "COCOMIX_RAY_CONNECT_TIMEOUT_S": "3"}, 60)
     res = json.loads(out.strip().splitlines()[-1])
-    assert res[""].startswith(f"ValueError: the Ray cluster recorded in {tmp_path}/ray/ray_current_cluster by the last `ray start` on this machine (127.0.0.1:{port}): no Ray cluster answers") and res[" s"] < 30, res
-    assert res["http://127.0.0.1:8265"].startswith("ValueError: --ray-address http://127.0.0.1:8265: that is a web address")
+    assert res[""].startswith(
+        f"ValueError: the Ray cluster recorded in {tmp_path}/ray/ray_current_cluster by the last `ray start` "
+        f"on this machine (127.0.0.1:{port}): no Ray cluster answers"
+    ) and res[" s"] < 30, res
+    assert res["http://127.0.0.1:8265"].startswith(
+        "ValueError: --ray-address http://127.0.0.1:8265: that is a web address")
 
 
 # -- a real head -------------------------------------------------------------------------------
@@ -203,7 +210,8 @@ def head():
            "--ray-client-server-port", str(ports["client"]), "--node-manager-port", str(ports["node_manager"]),
            "--object-manager-port", str(ports["object_manager"]),
            "--dashboard-agent-listen-port", str(ports["agent_listen"]),
-           "--dashboard-agent-grpc-port", str(ports["agent_grpc"]), "--runtime-env-agent-port", str(ports["runtime_env"]),
+           "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
+           "--runtime-env-agent-port", str(ports["runtime_env"]),
            "--metrics-export-port", str(ports["metrics"]), "--min-worker-port", str(workers),
            "--max-worker-port", str(workers + 39), "--num-cpus", "2", "--object-store-memory", str(100 << 20),
            "--disable-usage-stats"]  # no --temp-dir: RAY_TMPDIR/ray, where ray.init looks for `ray start`'s record
@@ -219,7 +227,8 @@ def head():
                 urllib.request.urlopen(req, timeout=2).read()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "head not up after 180 s:\n" + (tmp / "head.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (
+                    "head not up after 180 s:\n" + (tmp / "head.log").read_text()[-3000:])
                 time.sleep(0.5)
         yield {"tmp": tmp, "token": token, "env": env, **ports}
     finally:
@@ -272,7 +281,8 @@ def test_stage2_as_a_ray_job_on_a_local_head(head, inputs, tiny_teacher_dir, tmp
     assert rc == 0 and "succeeded" in out, out[-4000:]
     m = load_manifest(out_dir / "owt-l1.json")
     assert m.kind == "concepts" and m.stats["complete"] and m.sae["n_latents"] == 100
-    assert {k: s.windows for k, s in m.splits.items()} == {k: s.windows for k, s in load_manifest(inputs / "tokens").splits.items()}
+    assert {k: s.windows for k, s in m.splits.items()} == {
+        k: s.windows for k, s in load_manifest(inputs / "tokens").splits.items()}
     assert f"manifest: {out_dir / 'owt-l1.json'}" in out  # printed absolute
     assert "Ray: cluster at 127.0.0.1:" in out, out[-4000:]  # the job's driver joined the head: logged as such
 
@@ -280,8 +290,10 @@ def test_stage2_as_a_ray_job_on_a_local_head(head, inputs, tiny_teacher_dir, tmp
 def test_a_relative_out_is_refused_inside_the_job(head, inputs, tiny_teacher_dir):
     """It would have landed in Ray's temporary copy of the working dir (and been lost): one error line."""
     rc, out = job_submit(head, [*extract_args(inputs, tiny_teacher_dir), "--out", "rel-out"])
-    assert rc != 0 and "error: --out 'rel-out' is a relative path, and this runs inside the Ray job raysubmit_" in out, out[-4000:]
-    assert "Traceback" not in out and not list(head["tmp"].glob("ray/session_*/runtime_resources/working_dir_files/*/rel-out"))
+    assert rc != 0 and (
+        "error: --out 'rel-out' is a relative path, and this runs inside the Ray job raysubmit_" in out), out[-4000:]
+    assert "Traceback" not in out and not list(
+        head["tmp"].glob("ray/session_*/runtime_resources/working_dir_files/*/rel-out"))
 
 
 PROBE = """
@@ -298,7 +310,8 @@ def test_ray_address_local_beside_a_head_starts_a_private_ray(head):
     """With the head's address in RAY_ADDRESS, --ray-address local still starts a Ray of its own; with no
     address on the head's machine (`ray submit`), the cluster `ray start` recorded is joined, and reported
     as "cluster", also by a second init_ray in the same process."""
-    env = clean_env(RAY_TMPDIR=str(head["tmp"]), RAY_AUTH_TOKEN_PATH=str(head["token"]), **{MARKER: head["env"][MARKER]})
+    env = clean_env(RAY_TMPDIR=str(head["tmp"]), RAY_AUTH_TOKEN_PATH=str(head["token"]),
+                    **{MARKER: head["env"][MARKER]})
     results = {}
     for address, extra in (("local", {"RAY_ADDRESS": f"127.0.0.1:{head['gcs']}", "RAY_AUTH_MODE": "token"}), ("", {})):
         rc, out, _ = run_cli(["-c", PROBE, address], {**env, **extra}, 120)

@@ -49,7 +49,8 @@ def test_eval_layer_minus_one_equals_layer_one(trained, tmp_path):
     from sae.eval import main
 
     teacher, corpus, out, _, _ = trained
-    base = ["--sae", str(out), "--teacher", str(teacher), "--corpus", str(corpus), "--seq-len", "32", "--max-tokens", "128"]
+    base = ["--sae", str(out), "--teacher", str(teacher), "--corpus", str(corpus),
+            "--seq-len", "32", "--max-tokens", "128"]
     neg = main([*base, "--layer", "-1", "--out", str(tmp_path / "neg.json")])
     pos = main([*base, "--layer", "1", "--out", str(tmp_path / "pos.json")])
     assert neg["hook"] == {"layer": 1, "location": "resid_post"} and neg["config"]["layer"] == 1
@@ -93,5 +94,6 @@ def test_train_refuses_layer_out_of_range_before_loading_the_teacher(trained, tm
     monkeypatch.setattr(common.teacher, "load_teacher", no_load)
     for layer in ("2", "-3"):
         with pytest.raises(ValueError, match=f"--layer {layer} is out of range"):
-            main(["--teacher", str(teacher), "--corpus", str(corpus), *SMALL, "--layer", layer, "--out", str(tmp_path / layer)])
+            main(["--teacher", str(teacher), "--corpus", str(corpus), *SMALL, "--layer", layer,
+                  "--out", str(tmp_path / layer)])
         assert not Path(tmp_path / layer).exists()

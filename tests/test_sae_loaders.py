@@ -109,7 +109,8 @@ def _random_sae(activation="topk", normalize="layernorm", d=16, n=48, seed=0) ->
                             hook=HookSpec(3, "mlp_out"))
     with torch.no_grad():
         for name, p in sae.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) * 0.3 if name == "threshold" else torch.randn(p.shape, generator=gen) * 0.4)
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.3 if name == "threshold"
+                    else torch.randn(p.shape, generator=gen) * 0.4)
     return sae
 
 

@@ -14,7 +14,8 @@ def _sae(activation="topk", normalize="layernorm", d=32, n=96, k=8, seed=0) -> S
     sae = SparseAutoencoder(d, n, activation, k if activation == "topk" else None, normalize=normalize)
     with torch.no_grad():
         for name, p in sae.named_parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) * 0.2 if name == "threshold" else torch.randn(p.shape, generator=gen) * 0.3)
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.2 if name == "threshold"
+                    else torch.randn(p.shape, generator=gen) * 0.3)
     return sae
 
 

@@ -161,7 +161,8 @@ def killed(inputs, tmp_path_factory):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists(), "the run finished before the kill"
+    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists(), (
+        "the run finished before the kill")
     return out, reference
 
 

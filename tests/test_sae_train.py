@@ -70,7 +70,8 @@ def test_sublayer_outputs_sum_to_the_block_update(make):
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
-        with capture_residual(model, HookSpec(1, "attn_out")) as a, capture_residual(model, HookSpec(1, "mlp_out")) as m:
+        with (capture_residual(model, HookSpec(1, "attn_out")) as a,
+              capture_residual(model, HookSpec(1, "mlp_out")) as m):
             model(ids)
     # resid_post(1) = resid_post(0) + attn_out(1) + mlp_out(1)
     torch.testing.assert_close(hs[1] + a.output + m.output, hs[2], atol=1e-5, rtol=1e-5)
@@ -125,7 +126,8 @@ def test_training_reaches_low_fvu_with_few_dead_latents(tiny, tmp_path):
 
     teacher, corpus = tiny
     out = tmp_path / "run"
-    summary = main(["--teacher", str(teacher), "--corpus", str(corpus), "--max-tokens", "24000", "--out", str(out), *TRAIN_ARGS])
+    summary = main(["--teacher", str(teacher), "--corpus", str(corpus), "--max-tokens", "24000", "--out", str(out),
+                    *TRAIN_ARGS])
     assert summary["tokens"] == 23808  # 93 whole batches of 256
     assert summary["fvu"] < 0.3 and summary["dead_fraction"] < 0.05
     # the saved SAE, applied in the teacher's raw space (it layer-norms internally), on other windows
@@ -162,12 +164,14 @@ def test_eval_reports_loss_recovered(tiny, tmp_path):
     teacher, corpus = tiny
     out = tmp_path / "run"
     main(["--teacher", str(teacher), "--corpus", str(corpus), "--max-tokens", "24000", "--out", str(out), *TRAIN_ARGS])
-    r = eval_main(["--sae", str(out), "--teacher", str(teacher), "--corpus", str(corpus), "--seq-len", "64", "--max-tokens", "1024"])
+    r = eval_main(["--sae", str(out), "--teacher", str(teacher), "--corpus", str(corpus),
+                   "--seq-len", "64", "--max-tokens", "1024"])
     assert r["tokens"] == 1024
     # a random teacher predicts nearly uniformly, so only check that both splices changed the loss
     assert r["loss_sae"] != r["loss_clean"] and r["loss_zero_ablation"] != r["loss_clean"]
     assert abs(r["loss_sae"] - r["loss_clean"]) < abs(r["loss_zero_ablation"] - r["loss_clean"]) * 10
-    assert r["loss_recovered"] == pytest.approx((r["loss_zero_ablation"] - r["loss_sae"]) / (r["loss_zero_ablation"] - r["loss_clean"]))
+    assert r["loss_recovered"] == pytest.approx(
+        (r["loss_zero_ablation"] - r["loss_sae"]) / (r["loss_zero_ablation"] - r["loss_clean"]))
     assert 0 < r["fvu"] < 0.35 and 0 < r["fvu_normalized"] < 0.35 and 15 < r["l0"] <= 16
     assert 0 <= r["dead_fraction"] < 1 and 0 <= r["dense_fraction"] < 1
     assert json.loads((out / "eval.json").read_text())["fvu"] == r["fvu"]
@@ -196,7 +200,8 @@ def test_eval_refuses_width_mismatch(tiny, tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "sae" / "saelens_standard"
     shutil.copytree(fixture, tmp_path / "s")
     with pytest.raises(ValueError, match=r"d_in=8 does not match the teacher's width 64"):
-        eval_main(["--sae", str(tmp_path / "s"), "--teacher", str(teacher), "--corpus", str(corpus), "--max-tokens", "64"])
+        eval_main(["--sae", str(tmp_path / "s"), "--teacher", str(teacher), "--corpus", str(corpus),
+                   "--max-tokens", "64"])
 
 
 @pytest.mark.slow
@@ -233,8 +238,9 @@ def test_tokens_dir_from_stage1_shards(tiny, tmp_path):
     teacher, corpus = tiny
     tok = load_tokenizer(str(teacher))
     windows = np.stack(list(iter_corpus_windows([str(corpus)], tok, 65, separator_token_id(tok))))[:40]
-    m = Manifest(kind="tokens", seq_len=64, tokenizer={"name": "tiny", "fingerprint": "sha256:0", "vocab_size": len(tok),
-                 "eos_id": separator_token_id(tok)}, fields={"tokens": FieldSpec("uint16", (65,))},
+    m = Manifest(kind="tokens", seq_len=64,
+                 tokenizer={"name": "tiny", "fingerprint": "sha256:0", "vocab_size": len(tok),
+                            "eos_id": separator_token_id(tok)}, fields={"tokens": FieldSpec("uint16", (65,))},
                  field_parts={"tokens": "tokens"})
     for k, chunk in enumerate((windows[:25], windows[25:])):
         part = write_shard(tmp_path / f"tokens-{k}.arrow", m.part_fields("tokens"), {"tokens": chunk.astype(np.uint16)})
@@ -245,7 +251,9 @@ def test_tokens_dir_from_stage1_shards(tiny, tmp_path):
     with pytest.raises(ValueError, match="no split 'val'"):
         next(iter_shard_windows(str(tmp_path), "val"))
     out = tmp_path / "run"
-    s = main(["--teacher", str(teacher), "--tokens", str(tmp_path), "--max-tokens", "4096", "--out", str(out), *TRAIN_ARGS])
+    s = main(["--teacher", str(teacher), "--tokens", str(tmp_path), "--max-tokens", "4096", "--out", str(out),
+              *TRAIN_ARGS])
     assert s["tokens"] == 4096 and s["windows_read"] >= 2048 // 64
-    r = eval_main(["--sae", str(out), "--teacher", str(teacher), "--tokens", str(tmp_path), "--split", "train", "--max-tokens", "256"])
+    r = eval_main(["--sae", str(out), "--teacher", str(teacher), "--tokens", str(tmp_path), "--split", "train",
+                   "--max-tokens", "256"])
     assert r["tokens"] == 256

@@ -145,7 +145,8 @@ def test_bad_corpus_inputs_via_cli(tmp_path, tiny_tokenizer_dir, capsys):
 
 def test_counts_reach_the_manifest(tmp_path, tiny_tokenizer_dir):
     c = tmp_path / "corpus.txt"
-    c.write_bytes(b"".join(d.encode() + b"\n<|endoftext|>\n" for d in owt_documents(8)) + b"bad \xff\n<|endoftext|>\n \n<|endoftext|>\n")
+    c.write_bytes(b"".join(d.encode() + b"\n<|endoftext|>\n" for d in owt_documents(8))
+                  + b"bad \xff\n<|endoftext|>\n \n<|endoftext|>\n")
     m = stage1(tmp_path, tiny_tokenizer_dir, None)
     assert (m.corpus["documents"], m.corpus["utf8_replaced"], m.corpus["skipped_empty"]) == (9, 1, 1)
     assert load_manifest(m.path).corpus == m.corpus
@@ -165,7 +166,8 @@ def test_owt_train_with_smollm2(tmp_path):
     tok = load_tokenizer("smollm2-135m")
     from common.corpus import CorpusConfig, iter_documents
 
-    total = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in iter_documents(CorpusConfig([str(corpus)])))
+    total = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+                for _, t in iter_documents(CorpusConfig([str(corpus)])))
     assert sum(s.extra["stream_tokens"] for s in m.splits.values()) == total
     for s in m.splits.values():
         assert s.extra["stream_tokens"] == s.windows * 512 + 1 + s.extra["tail_tokens"]

@@ -34,14 +34,15 @@ def cfg(tmp_path: Path, tok: Path, out: str = "out", **kw) -> TokenizeConfig:
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     # PYTHONPATH: this checkout's code even when the command runs elsewhere (cwd).
-    return subprocess.run([sys.executable, "-m", "pipeline.stage1", *args], cwd=popen.pop("cwd", ROOT), capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-                                                           **(env or {})}, **popen)
+    return subprocess.run([sys.executable, "-m", "pipeline.stage1", *args], cwd=popen.pop("cwd", ROOT),
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}, **popen)
 
 
 def tree(d: Path) -> dict[str, bytes]:
     """Every file under ``d`` (zarr directories included) -> its bytes, the run log left out."""
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != "runs.jsonl"}
+    return {str(p.relative_to(d)): p.read_bytes()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "runs.jsonl"}
 
 
 def one_error(r: subprocess.CompletedProcess) -> str:
@@ -194,7 +195,8 @@ def test_kill9_then_rerun_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir):
     r = cli(*args, *full)
     assert r.returncode == 0, r.stderr[-2000:]
     assert tree(out) == tree(tmp_path / "ref")  # shards and manifest.json, byte for byte
-    assert (tmp_path / "m" / "out.json").read_text() == (tmp_path / "mref" / "out.json").read_text().replace("../ref/", "../out/")
+    assert (tmp_path / "m" / "out.json").read_text() == (
+        (tmp_path / "mref" / "out.json").read_text().replace("../ref/", "../out/"))
     assert not [q for q in out.iterdir() if ".tmp-" in q.name] and not list((tmp_path / "m").glob(".*"))
     (log,) = read_runs(out)  # the killed run logged nothing; the timings live only here
     assert log["outcome"] == "wrote" and log["ray"] == "none" and "wall_s" not in (out / "manifest.json").read_text()
@@ -243,7 +245,8 @@ def test_bad_flags_and_paths_one_error_line(tmp_path, tiny_tokenizer_dir):
     results = {}
     for name, (argv, _) in cases.items():
         procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.stage1", *argv], cwd=ROOT, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if len(procs) - len(results) >= 2:
             for n, p in procs.items():
                 if n not in results:

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def argv_of(stage2_data, teacher, out, *extra: str) -> list[str]:
-    return ["--tokens", str(stage2_data / "tokens"), "--teacher", str(teacher), "--sae", str(stage2_data / "sae_a"), "--out", str(out),
-            "--k-mix", "4", "--k-kd", "2", "--batch-size", "3", "--ray-address", "local", *extra]
+    return ["--tokens", str(stage2_data / "tokens"), "--teacher", str(teacher), "--sae", str(stage2_data / "sae_a"),
+            "--out", str(out), "--k-mix", "4", "--k-kd", "2", "--batch-size", "3", "--ray-address", "local", *extra]
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -86,7 +86,8 @@ def test_manifest_path_holding_a_token_manifest_is_refused(stage2_data, tiny_tea
     tokens = stage2_data / "tokens" / "manifest.json"
     before = tokens.read_bytes()
     for extra in ([], ["--overwrite"]):
-        rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(tokens), *extra), capsys)
+        rc, _, err = cli(argv_of(stage2_data, tiny_teacher_dir, tmp_path / "out", "--manifest", str(tokens), *extra),
+                         capsys)
         line = one_error(rc, err)
         assert "tokens manifest" in line and "--overwrite" not in line
     assert tokens.read_bytes() == before
@@ -156,7 +157,8 @@ def test_overwrite_removes_only_what_stage2_wrote(stage2_data, tiny_teacher_dir,
     m = load_manifest(out / "concepts.json")
     assert m.attribution["variant"] == "activation" and m.stats["complete"]
     assert sorted(p.name for p in cdir.iterdir()) == sorted(
-        ["extraction.json", "runs.jsonl"] + [sh.parts["concepts"].path.name for s in m.splits.values() for sh in s.shards])
+        ["extraction.json", "runs.jsonl"]
+        + [sh.parts["concepts"].path.name for s in m.splits.values() for sh in s.shards])
     assert len(read_runs(cdir)) == 1  # the old run log went with the extraction it described
 
 
@@ -171,7 +173,8 @@ def test_interrupted_runs_write_the_same_manifest_bytes(stage2_data, tiny_teache
     assert b"created" not in ref_manifest and b"wall_s" not in ref_manifest and b"throughput" not in ref_manifest
     for k in (2, 5):  # OUT beside stage2_data/ref, so the token shards' relative paths match too
         cfg = extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / f"interrupted-{k}"), batch_size=2)
-        shutil.copytree(stage2_data / "ref", cfg.out)  # a finished run, cut back below to what a kill after k shards leaves
+        # a finished run, cut back below to what a kill after k shards leaves
+        shutil.copytree(stage2_data / "ref", cfg.out)
         (cfg.concept_dir / "runs.jsonl").unlink(missing_ok=True)
         m = load_manifest(cfg.manifest_path)
         shards = [(name, sh) for name, s in m.splits.items() for sh in s.shards]
@@ -260,8 +263,8 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_full_disk_is_one_error_and_a_rerun_completes(stage2_data, tiny_teacher_dir, stage2_reference, small_disk, capsys,
-                                                      monkeypatch):
+def test_full_disk_is_one_error_and_a_rerun_completes(stage2_data, tiny_teacher_dir, stage2_reference, small_disk,
+                                                      capsys, monkeypatch):
     out = small_disk / "out"
     argv = argv_of(stage2_data, tiny_teacher_dir, out)
     need = sum(len(b) for b in stage2_reference.values())
@@ -285,7 +288,8 @@ def test_full_disk_is_one_error_and_a_rerun_completes(stage2_data, tiny_teacher_
     assert cli(argv, capsys)[0] == 0
     assert all_bytes(out / "concepts" / "concepts") == stage2_reference
     got, ref = load_manifest(out / "concepts.json"), load_manifest(stage2_data / "ref" / "concepts.json")
-    assert got.stats == ref.stats and [sh.parts["concepts"].checksum for s in got.splits.values() for sh in s.shards] == [
+    assert got.stats == ref.stats and [
+        sh.parts["concepts"].checksum for s in got.splits.values() for sh in s.shards] == [
         sh.parts["concepts"].checksum for s in ref.splits.values() for sh in s.shards]
 
 
@@ -332,7 +336,8 @@ def _mistakes(stage2_data, teacher, tmp: Path) -> dict[str, tuple[list[str], str
         "cuda without gpus": (base + ["--device", "cuda"], "--device cuda"),
         "unknown flag": (base + ["--bogus", "1"], "--bogus"),
         "missing teacher": (without("--teacher"), "--teacher"),
-        "val corpus without corpus": (base + ["--val-corpus", str(tmp / "notes.txt")], "--val-corpus goes with --corpus"),
+        "val corpus without corpus": (base + ["--val-corpus", str(tmp / "notes.txt")],
+                                      "--val-corpus goes with --corpus"),
         "corpus file missing": (without("--tokens") + ["--corpus", str(tmp / "nope.txt")], "nope.txt"),
         "seq len zero": (without("--tokens") + ["--corpus", str(tmp / "notes.txt"), "--seq-len", "0"], "--seq-len"),
         "out is a file": (with_("--out", str(tmp / "afile")), "is a file"),

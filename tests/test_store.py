@@ -127,7 +127,8 @@ def test_compressed_zarr_is_decompressed_once_per_shard(tmp_path, monkeypatch):
 def test_corrupted_shard_is_named(tmp_path, fmt, damage):
     m, _ = build(tmp_path, fmt)
     part = m.splits["train"].shards[1].parts["concepts"]
-    target = part.path if part.path.is_file() else sorted(p for p in part.path.rglob("*") if p.is_file() and p.name == "0")[0]
+    target = part.path if part.path.is_file() else sorted(
+        p for p in part.path.rglob("*") if p.is_file() and p.name == "0")[0]
     data = bytearray(target.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF

@@ -50,8 +50,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path, mode):
     common = ["--shards", str(data), "--preset", "tiny", "--mode", mode, "--steps", "5", "--lr", "3e-3",
               "--warmup-steps", "1", "--eval-every", "5", "--eval-windows", "8", "--workers", "0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "trainer.run", *common, "--micro-batch", "4", "--out-dir", str(tmp_path / "single")],
-                   check=True, env=env, cwd=ROOT, timeout=300)
+    subprocess.run([sys.executable, "-m", "trainer.run", *common, "--micro-batch", "4",
+                    "--out-dir", str(tmp_path / "single")], check=True, env=env, cwd=ROOT, timeout=300)
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          "-m", "trainer.run", *common, "--micro-batch", "2", "--out-dir", str(tmp_path / "ddp")],

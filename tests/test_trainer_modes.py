@@ -72,7 +72,8 @@ def test_mode_trains_and_loss_falls(data, tmp_path, kw):
 
 
 def test_zarr_shards_and_grad_accum(tmp_path):
-    m = write_manifest(tmp_path / "zarr", windows=48, val_windows=8, seq_len=16, vocab=128, n_concepts=64, format="zarr")
+    m = write_manifest(tmp_path / "zarr", windows=48, val_windows=8, seq_len=16, vocab=128, n_concepts=64,
+                       format="zarr")
     rows = run(m, tmp_path / "out", mode="cocomix", steps=8, micro_batch=4, grad_accum=2, eval_windows=8, workers=1)
     assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["tokens"] == 8 * 8 * 16
 

@@ -89,7 +89,8 @@ def test_to_torch_dtypes():
         "concept_scores": bf.view(torch.int16).numpy().view(np.uint16)[None],
         "kd_logprobs": np.array([[-0.5, -1.0]], dtype=np.float16),
     }
-    out = to_torch(batch, {"tokens": "uint16", "concept_ids": "uint16", "concept_scores": "bfloat16", "kd_logprobs": "float16"})
+    out = to_torch(batch, {"tokens": "uint16", "concept_ids": "uint16", "concept_scores": "bfloat16",
+                           "kd_logprobs": "float16"})
     assert out["tokens"].dtype == torch.int64 and out["tokens"][0, 1] == 65000
     assert out["concept_scores"].dtype == torch.float32 and out["concept_scores"][0].tolist() == [1.5, -float("inf")]
     assert out["kd_logprobs"].dtype == torch.float32
@@ -108,7 +109,8 @@ from trainer.synthetic import make_arrays  # numpy only
 from shards import FieldSpec, Manifest, write_shard
 arrs = make_arrays(8, 8, 64, 32)
 m = Manifest(kind="concepts", seq_len=8, tokenizer={{"name": "x", "fingerprint": "x", "vocab_size": 64, "eos_id": 0}},
-             fields={{"tokens": FieldSpec("uint16", (9,)), "concept_ids": FieldSpec("uint16", (8, 4)), "concept_scores": FieldSpec("float16", (8, 4))}},
+             fields={{"tokens": FieldSpec("uint16", (9,)), "concept_ids": FieldSpec("uint16", (8, 4)),
+                     "concept_scores": FieldSpec("float16", (8, 4))}},
              field_parts={{"tokens": "t", "concept_ids": "t", "concept_scores": "t"}},
              teacher={{}}, hook={{}}, sae={{"n_latents": 32}}, attribution={{"k_attr": 4}})
 for split in ("train", "val"):

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=40, val_windows=8, seq_len=16, vocab=128, n_concepts=64)
+    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=40, val_windows=8, seq_len=16, vocab=128,
+                          n_concepts=64)
 
 
 def args(manifest: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
@@ -282,8 +283,10 @@ def test_data_identity_is_compact(data, tmp_path):
     cfg = json.loads((tmp_path / "o" / "ckpt" / "step-000004" / "config.json").read_text())
     ident = cfg["data"]
     assert set(ident["checksums"]) == {"tokens", "concepts"}
-    assert ident["shards"]["concepts"] == {"train": [ident["shards"]["concepts"]["train"][0], ident["shards"]["concepts"]["train"][1]],
-                                           "val": [ident["shards"]["concepts"]["val"][0]]}  # only val-00000 is evaluated
+    # only val-00000 is evaluated
+    assert ident["shards"]["concepts"] == {"train": [ident["shards"]["concepts"]["train"][0],
+                                                     ident["shards"]["concepts"]["train"][1]],
+                                           "val": [ident["shards"]["concepts"]["val"][0]]}
     assert all(len(h) == 12 for h in ident["shards"]["tokens"]["train"])
     assert ident["k_attr"] == 4 and ident["attribution"] == "synthetic" and ident["hook_layer"] == 0
     assert len(json.dumps(ident)) < 1200
@@ -445,7 +448,8 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(b))
 
 
-@pytest.mark.parametrize("shard,subprocess_", [("train-00001.tokens.arrow", True), ("train-00000.concepts.arrow", False),
+@pytest.mark.parametrize("shard,subprocess_", [("train-00001.tokens.arrow", True),
+                                               ("train-00000.concepts.arrow", False),
                                                ("val-00000.concepts.arrow", False)])
 def test_corrupted_shard_stops_before_step_0(data, tmp_path, capsys, shard, subprocess_):
     d = tmp_path / "d"
@@ -455,8 +459,8 @@ def test_corrupted_shard_stops_before_step_0(data, tmp_path, capsys, shard, subp
     argv = ["--shards", str(d / "manifest.json"), "--out-dir", str(out), "--steps", "6", "--micro-batch", "4",
             "--eval-windows", "8", "--no-progress"]  # default --workers 2 and --verify
     if subprocess_:
-        r = subprocess.run([sys.executable, "-m", "trainer.run", *argv], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([sys.executable, "-m", "trainer.run", *argv], env=ENV, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
         rc, err = r.returncode, r.stderr
     else:
         rc, err = cli(argv, capsys)
@@ -470,7 +474,8 @@ def test_lazy_verification_in_a_worker_is_one_line(data, tmp_path, capsys, worke
     d = tmp_path / "d"
     shutil.copytree(data.parent, d)
     _corrupt(d / "train-00001.tokens.arrow")
-    rc, err = cli(args(d / "manifest.json", tmp_path / "o", "--verify", "lazy", "--workers", str(workers), steps=6), capsys)
+    rc, err = cli(args(d / "manifest.json", tmp_path / "o", "--verify", "lazy", "--workers", str(workers), steps=6),
+                  capsys)
     line = one_error(err)
     assert rc == 2 and "train-00001.tokens.arrow" in line and "corrupted" in line and "DataLoader" not in err
 
@@ -508,13 +513,14 @@ def test_ctrl_c_saves_and_says_how_to_continue(data, tmp_path, capsys, workers):
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err and "saved checkpoint" in err and "rerun the same command" in err
+    assert ("Traceback" not in err and "interrupted at step" in err and "saved checkpoint" in err
+            and "rerun the same command" in err)
     step = steps_in(out)[-1]
     ck = out / "ckpt"
     assert (ck / "latest").read_text().strip() == f"step-{step:06d}"
     assert sorted(p.name for p in ck.iterdir()) == ["latest", f"step-{step:06d}"]  # nothing half-written
-    rc, err = cli(args(data, out, "--workers", str(workers), "--ckpt-every", "0", "--eval-every", "0", "--halt-after", "1",
-                        steps=5000), capsys)
+    rc, err = cli(args(data, out, "--workers", str(workers), "--ckpt-every", "0", "--eval-every", "0",
+                       "--halt-after", "1", steps=5000), capsys)
     assert rc == 0 and f"from step {step}/5000" in err, err
     assert steps_in(out) == list(range(1, step + 2))
 
@@ -569,7 +575,8 @@ def test_full_disk_while_logging_metrics(data, tmp_path, capsys):
     size = (out / "metrics.jsonl").stat().st_size
     assert (out / "config.json").stat().st_size < size  # the limit below stops the metrics line only
     r = subprocess.run([sys.executable, "-m", "trainer.run", *args(data, out, steps=16)], env=ENV, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, preexec_fn=_limited(size + 100))  # step 13 does not fit
+                       # step 13 does not fit
+                       capture_output=True, text=True, timeout=300, preexec_fn=_limited(size + 100))
     line = one_error(r.stderr)
     assert r.returncode == 2 and "metrics.jsonl" in line and "File too large" in line and "step-000012" in line
     assert (out / "ckpt" / "latest").read_text() == "step-000012\n"
@@ -732,4 +739,5 @@ def test_generate_errors_are_one_line(gen_ckpts, tmp_path, capsys):
 def test_generate_cli_subprocess_reports_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "trainer.generate", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert (r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+            and "Traceback" not in r.stderr)

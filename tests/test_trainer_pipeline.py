@@ -33,7 +33,8 @@ def concepts(tmp_path_factory, tiny_teacher_dir):
     return root / "out" / "owt.json"
 
 
-@pytest.mark.parametrize("kw", [{"mode": "cocomix"}, {"mode": "cocomix", "labels": "activation"}, {"mode": "kd"}, {"mode": "ntp"}])
+@pytest.mark.parametrize("kw", [{"mode": "cocomix"}, {"mode": "cocomix", "labels": "activation"}, {"mode": "kd"},
+                                {"mode": "ntp"}])
 def test_extracted_manifest_trains(concepts, tmp_path, kw):
     from trainer.config import TrainConfig
     from trainer.loop import train

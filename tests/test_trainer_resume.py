@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=40, val_windows=8, seq_len=16, vocab=128, n_concepts=64)
+    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=40, val_windows=8, seq_len=16, vocab=128,
+                          n_concepts=64)
 
 
 def losses(out: Path) -> dict[int, tuple[float, float]]:
@@ -39,7 +40,8 @@ def test_kill_and_resume_gives_identical_losses(data, tmp_path, workers):
     part = train(TrainConfig(out_dir=str(tmp_path / "part"), ckpt_every=4, halt_after=7, **kw))
     assert part["step"] == 7
     state = torch.load(tmp_path / "part" / "ckpt" / "step-000004" / "state.pt", weights_only=False)
-    assert state["step"] == 4 and state["sampler"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4, "seed": 1337, "windows": 40, "global_batch": 8}
+    assert state["step"] == 4 and state["sampler"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4, "seed": 1337,
+                                                       "windows": 40, "global_batch": 8}
     resumed = train(TrainConfig(out_dir=str(tmp_path / "part"), ckpt_every=4, resume="auto", **kw))
     assert resumed["step"] == 12 and full["step"] == 12
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")

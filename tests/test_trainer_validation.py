@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=24, val_windows=8, seq_len=16, vocab=128, n_concepts=64)
+    return write_manifest(tmp_path_factory.mktemp("shards") / "d", windows=24, val_windows=8, seq_len=16, vocab=128,
+                          n_concepts=64)
 
 
 def cfg(manifest: Path | str, out: Path, **kw) -> TrainConfig:
@@ -76,9 +77,12 @@ def test_corrupted_shard_mid_run_names_it(data, tmp_path, workers):
 @pytest.mark.parametrize(
     "fields,kw,match",
     [
-        (["tokens"], {"mode": "cocomix"}, r"--mode cocomix --labels attribution needs field\(s\) \['concept_ids', 'concept_scores'\]"),
-        (["tokens", "concept_ids", "concept_scores"], {"mode": "kd"}, r"--mode kd needs field\(s\) \['kd_ids', 'kd_logprobs'\]"),
-        (["tokens", "concept_ids", "concept_scores"], {"mode": "cocomix", "labels": "activation"}, r"needs field\(s\) \['mix_ids', 'mix_vals'\]"),
+        (["tokens"], {"mode": "cocomix"},
+         r"--mode cocomix --labels attribution needs field\(s\) \['concept_ids', 'concept_scores'\]"),
+        (["tokens", "concept_ids", "concept_scores"], {"mode": "kd"},
+         r"--mode kd needs field\(s\) \['kd_ids', 'kd_logprobs'\]"),
+        (["tokens", "concept_ids", "concept_scores"], {"mode": "cocomix", "labels": "activation"},
+         r"needs field\(s\) \['mix_ids', 'mix_vals'\]"),
     ],
 )
 def test_fields_the_mode_needs(tmp_path, fields, kw, match):
@@ -126,7 +130,8 @@ def test_concept_ids_beyond_n_latents_name_the_shard(tmp_path):
 
 def test_resume_checkpoint_that_does_not_match(data, tmp_path):
     train(cfg(data, tmp_path / "o", steps=2))
-    with pytest.raises(ValueError, match=r"holds a finished run that differs from this one(.|\n)*lr: checkpoint 0.0006, this run 0.001"):
+    with pytest.raises(ValueError, match=r"holds a finished run that differs from this one(.|\n)*"
+                                         r"lr: checkpoint 0.0006, this run 0.001"):
         train(cfg(data, tmp_path / "o", steps=2, lr=1e-3, resume="auto"))
     with pytest.raises(ValueError, match=r"model.d_model: checkpoint 64, this run 128"):
         train(cfg(data, tmp_path / "o", steps=2, preset="small", resume="auto"))
@@ -196,7 +201,8 @@ def test_unfinished_extraction_is_refused(data):
 def test_no_budget_means_one_epoch(data, tmp_path):
     windows = load_manifest(data).splits["train"].windows
     summary = train(cfg(data, tmp_path / "o", steps=0, max_tokens=0, eval_windows=0))
-    assert summary["step"] == windows // 4 >= 2 and summary["tokens"] == summary["step"] * 4 * load_manifest(data).seq_len
+    assert (summary["step"] == windows // 4 >= 2
+            and summary["tokens"] == summary["step"] * 4 * load_manifest(data).seq_len)
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
