@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pipeline.extract_outputs import check_output, check_paths, extraction_settings, size_text
 from pipeline.extract_runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from pipeline.extract_worker import ShardJob
+from pipeline.stage1_config import TokenizeConfig
 from shards import Manifest, ShardPart, checksum, load_manifest
 from shards.checksum import disk_bytes
 from shards.manifest import inspect_path
@@ -86,8 +87,13 @@ class ExtractConfig(RunnerConfig):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.zarr_compression not in ("none", "zstd"):
             raise ValueError(f"--zarr-compression must be none or zstd, got {self.zarr_compression!r}")
-        if self.seq_len < 1:
-            raise ValueError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.corpus:
+            self.stage1_config()  # --corpus / --val-corpus / --seq-len are stage 1's, checked where they are owned
+
+    def stage1_config(self) -> TokenizeConfig:
+        """Stage 1's config for the ``--corpus`` shortcut (its output goes to OUT/tokens)."""
+        return TokenizeConfig(corpus=list(self.corpus or []), val_corpus=self.val_corpus, tokenizer=self.teacher,
+                              out=str(Path(self.out) / "tokens"), seq_len=self.seq_len, ray_address=self.ray_address)
 
     def runner_config(self, device: str) -> RunnerConfig:
         """The runner settings alone, for a worker on ``device`` (what is shipped to each Ray actor)."""
@@ -268,13 +274,9 @@ def plan(cfg: ExtractConfig) -> Plan:
     }
     check_output(cfg, settings, ignore=("tokens",))  # before stage 1, which can be long
     if cfg.corpus:
-        from pipeline.stage1 import TokenizeConfig
         from pipeline.stage1 import run as tokenize
 
-        token_manifest = tokenize(TokenizeConfig(corpus=list(cfg.corpus), val_corpus=cfg.val_corpus,
-                                                 tokenizer=cfg.teacher, out=str(Path(cfg.out) / "tokens"),
-                                                 seq_len=cfg.seq_len,
-                                                 ray_address=cfg.ray_address))
+        token_manifest = tokenize(cfg.stage1_config())
         check_tokens(token_manifest, teacher)
         verify_token_shards(token_manifest)
     settings["tokens"] = token_identity(token_manifest)
