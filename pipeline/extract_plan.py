@@ -29,12 +29,13 @@ from pipeline.stage1_config import TokenizeConfig
 from shards import Manifest, ShardPart, checksum, load_manifest
 from shards.checksum import disk_bytes
 from shards.manifest import inspect_path
+from shards.options import StoreOptions
 
 log = logging.getLogger("pipeline.extract")
 
 
 @dataclass(kw_only=True)
-class ExtractConfig(RunnerConfig):
+class ExtractConfig(RunnerConfig, StoreOptions):
     """Stage 2: what the runner computes (RunnerConfig's fields: teacher, SAE, layer, attribution,
     k_attr / k_mix / k_kd, precision, score dtype, each owned and validated there) plus where it
     reads and writes and how it runs on Ray. One flat set of flags (``--help``)."""
@@ -53,18 +54,12 @@ class ExtractConfig(RunnerConfig):
     # so a worker's runner gets "cuda" or "cpu" (runner_config); "cuda:N" has no meaning on a cluster.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: GPUs when the cluster has them (num_gpus=1 per actor), else CPU."""
-    format: Literal["arrow", "zarr"] = "arrow"
-    """Concept shard format."""
     batch_size: int = 8
     """Windows per teacher forward/backward (lower it when out of memory)."""
     num_workers: int = 0
     """Ray actors (0: one per GPU of the cluster, else 1 CPU actor)."""
     seq_len: int = 512
     """Window length for stage 1 (with --corpus)."""
-    zarr_chunk_windows: int = 16
-    """Windows per Zarr chunk (--format zarr)."""
-    zarr_compression: Literal["none", "zstd"] = "none"
-    """Zarr compression (--format zarr)."""
     overwrite: bool = False
     """Replace a different extraction of the same name: only what stage 2 wrote (concept shards,
     extraction.json, runs.jsonl, a concept manifest), never other files."""
@@ -72,7 +67,9 @@ class ExtractConfig(RunnerConfig):
     """Ray address (default: RAY_ADDRESS, a running cluster, else embedded; 'local' forces embedded)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # the runner's settings, checked where they are owned
+        # Each base checks the settings it owns: the runner's (RunnerConfig), the shard format's (StoreOptions).
+        RunnerConfig.__post_init__(self)
+        StoreOptions.__post_init__(self)
         if (self.tokens is None) == (not self.corpus):
             raise ValueError("pass exactly one of --tokens DIR (stage-1 output) and --corpus PATH")
         if self.val_corpus and not self.corpus:
@@ -81,12 +78,8 @@ class ExtractConfig(RunnerConfig):
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.format not in ("arrow", "zarr"):
-            raise ValueError(f"--format must be arrow or zarr, got {self.format!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.zarr_compression not in ("none", "zstd"):
-            raise ValueError(f"--zarr-compression must be none or zstd, got {self.zarr_compression!r}")
         if self.corpus:
             self.stage1_config()  # --corpus / --val-corpus / --seq-len are stage 1's, checked where they are owned
 
@@ -302,9 +295,8 @@ def make_jobs(p: Plan) -> list[ShardJob]:
             out = cfg.concept_dir.absolute() / f"{split}-{i:05d}.{cfg.format}"
             jobs.append(ShardJob(
                 key=Path(os.path.relpath(out, base)).as_posix(), split=split, tokens=sh.parts["tokens"],
-                token_spec=tm.fields["tokens"], windows=sh.windows, out=str(out), format=cfg.format,
-                seq_len=tm.seq_len, batch_size=cfg.batch_size, zarr_chunk_windows=cfg.zarr_chunk_windows,
-                zarr_compression=None if cfg.zarr_compression == "none" else cfg.zarr_compression,
+                token_spec=tm.fields["tokens"], windows=sh.windows, out=str(out), seq_len=tm.seq_len,
+                batch_size=cfg.batch_size, **cfg.writer_options(),
             ))
     return jobs
 

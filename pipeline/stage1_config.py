@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from common.corpus import CorpusConfig
 from pipeline.outputs import command_line as _command_line
+from shards.options import StoreOptions
 
 PROG = ("python", "-m", "pipeline.stage1")
 """How a refusal spells the command (pipeline/outputs.py: command_line)."""
 
 
 @dataclass
-class TokenizeConfig:
+class TokenizeConfig(StoreOptions):
     corpus: list[str]
     """Corpus files, directories, globs, saved HF datasets or hf:NAME."""
     tokenizer: str
@@ -30,8 +30,6 @@ class TokenizeConfig:
     """Output directory for shards and manifest.json."""
     seq_len: int = 512
     """Tokens the student predicts per window (each window stores seq_len + 1 tokens)."""
-    format: Literal["arrow", "zarr"] = "arrow"
-    """Shard format: arrow (memory-mapped IPC, fastest for training) or zarr (v3, chunked)."""
     val_fraction: float = 0.005
     """Fraction of documents in the validation split, chosen by a hash of the document id."""
     val_corpus: list[str] | None = None
@@ -57,10 +55,6 @@ class TokenizeConfig:
     """Skip and count bad JSONL lines instead of failing."""
     hf_split: str = "train"
     """Split of a HF dataset to read."""
-    zarr_chunk_windows: int = 16
-    """Windows per Zarr chunk."""
-    zarr_compression: Literal["none", "zstd"] = "none"
-    """Zarr compression (a compressed shard is decompressed once per shard when read)."""
     overwrite: bool = False
     """Replace a different dataset of stage 1 in --out (only the files stage 1 wrote there, never
     other files) and a cocomix manifest of another dataset at --manifest."""
@@ -72,20 +66,17 @@ class TokenizeConfig:
     """Also save the manifest here (e.g. manifests/NAME.json), with shard paths relative to it."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --format / --zarr-*: shards.options.StoreOptions
         if self.seq_len < 1:
             raise ValueError(f"--seq-len must be positive, got {self.seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.format not in ("arrow", "zarr"):
-            raise ValueError(f"--format must be arrow or zarr, got {self.format!r}")
         if self.shard_mb <= 0:
             raise ValueError("--shard-mb must be positive")
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
         if self.batch_chars < 1:
             raise ValueError(f"--batch-chars must be positive, got {self.batch_chars}")
-        if self.zarr_chunk_windows < 1:
-            raise ValueError(f"--zarr-chunk-windows must be positive, got {self.zarr_chunk_windows}")
         if not self.out:
             raise ValueError("--out is empty: pass the output directory")
         self.corpus_config()  # validates --delimiter and friends

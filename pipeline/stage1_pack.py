@@ -78,9 +78,7 @@ class SplitWriter:
                 path,
                 {"tokens": self.spec},
                 {"tokens": windows},
-                format=self.cfg.format,
-                zarr_chunk_windows=self.cfg.zarr_chunk_windows,
-                zarr_compression=None if self.cfg.zarr_compression == "none" else self.cfg.zarr_compression,
+                **self.cfg.writer_options(),
             )
         except OSError as e:  # a full disk, a quota, a file size limit: the temporary is already removed
             raise ValueError(f"could not write shard {str(path.absolute())!r}: {why(e)}; free space (or pass another "
