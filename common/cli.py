@@ -133,3 +133,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, required: tup
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def config_flags(cfg: Any) -> list[str]:
+    """The flags that give the dataclass config ``cfg``: every field whose value differs from its default
+    (``--no-X`` for a false boolean whose default is true); what a refusal quotes as the command to run."""
+    words: list[str] = []
+    for f in dataclasses.fields(cfg):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value is None or value == default:  # a required field (default MISSING) is always written
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, str(value)]
+    return words

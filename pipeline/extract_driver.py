@@ -232,23 +232,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg = dataclass_from_args(ExtractConfig, build_parser().parse_args(argv))
-    m = run(cfg)
+    print_summary(cfg, run(cfg))
+    return 0
+
+
+def print_summary(cfg: ExtractConfig, m: Manifest) -> None:
+    """What a finished extraction prints: splits, label statistics, throughput, and the absolute paths of
+    everything written (under a Ray job, a relative path would name the job's copy)."""
     lab = m.stats.get("labels", {})
     for name, s in m.splits.items():
         print(f"{name}: {s.windows} windows, {s.tokens:,} tokens, {len(s.shards)} shard(s)")
     print(f"labels: {lab.get('frac_short', 0):.2%} of tokens with < {cfg.k_attr} positive scores, "
           f"{lab.get('latents_used', 0)} latents used, teacher NLL {lab.get('teacher_mean_nll', 0):.3f}")
     runs = read_runs(cfg.concept_dir)
-    thr = runs[-1].get("throughput") if runs else None
-    if thr:
+    if runs and (thr := runs[-1].get("throughput")):
         print(f"throughput: {thr['tokens_per_s']:,.0f} tokens/s on {thr['num_workers']} {thr['device']} worker(s)")
-    # Absolute paths of everything written (under a Ray job, a relative path would name the job's copy).
     print(f"manifest: {Path(m.path).absolute()}")
     print(f"concept shards: {cfg.concept_dir.absolute()}")
     print(f"run log: {(cfg.concept_dir / RUN_LOG).absolute()}")
     if cfg.corpus:
         print(f"token shards (stage 1): {(Path(cfg.out) / 'tokens').absolute()}")
-    return 0
 
 
-__all__ = ["ExtractConfig", "build_parser", "main", "run"]
+__all__ = ["ExtractConfig", "build_parser", "main", "print_summary", "run"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.cli import config_flags
 from shards.manifest import ExistingFile, inspect_path
 
 
@@ -34,23 +35,7 @@ def command_line(prog: Sequence[str], cfg: Any, **changes: Any) -> str:
     whose default is true). A refusal prints it so the user can copy it as is."""
     if changes:
         cfg = dataclasses.replace(cfg, **changes)
-    words = list(prog)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = f.default  # MISSING for a required field: always written
-        if value is None or value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            words += [flag, *map(str, value)]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(words)
+    return shlex.join([*prog, *config_flags(cfg)])
 
 
 def is_cocomix_shard(path: Path) -> bool:

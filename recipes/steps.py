@@ -72,20 +72,10 @@ def extract_concepts(cfg: ExtractConfig) -> Manifest:
     """Stage 2 (pipeline/extract.py): teacher + SAE -> concept labels; finished shards are verified and
     kept. Prints what ``python pipeline/extract.py`` prints at the end."""
     from pipeline.extract import run
-    from shards.runlog import RUN_LOG, read_runs
+    from pipeline.extract_driver import print_summary
 
     m = run(cfg)
-    lab = m.stats.get("labels", {})
-    for name, s in m.splits.items():
-        print(f"{name}: {s.windows} windows, {s.tokens:,} tokens, {len(s.shards)} shard(s)")
-    print(f"labels: {lab.get('frac_short', 0):.2%} of tokens with < {cfg.k_attr} positive scores, "
-          f"{lab.get('latents_used', 0)} latents used, teacher NLL {lab.get('teacher_mean_nll', 0):.3f}")
-    runs = read_runs(cfg.concept_dir)
-    if runs and (thr := runs[-1].get("throughput")):
-        print(f"throughput: {thr['tokens_per_s']:,.0f} tokens/s on {thr['num_workers']} {thr['device']} worker(s)")
-    print(f"manifest: {Path(m.path).absolute()}")
-    print(f"concept shards: {cfg.concept_dir.absolute()}")
-    print(f"run log: {(cfg.concept_dir / RUN_LOG).absolute()}")
+    print_summary(cfg, m)
     return m
 
 

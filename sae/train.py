@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
+from common.cli import Parser, add_dataclass_args, config_flags, dataclass_from_args, run_cli
 from common.device import check_device
 from sae.checks import check_window, check_window_source, teacher_shape
 from sae.data import (
@@ -332,30 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_argv(cfg: TrainConfig) -> list[str]:
-    """The flags that give ``cfg`` (those that differ from the defaults): the command line a refusal
-    quotes when the run was started from Python (recipes/) rather than from a shell."""
-    words: list[str] = []
-    for f in dataclasses.fields(cfg):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(cfg, f.name)
-        if value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            words += [flag, *map(str, value)]
-        else:
-            words += [flag, str(value)]
-    return words
-
-
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """Train the SAE ``cfg`` describes, or report the finished run in ``cfg.out``; returns the summary.
-    ``argv``: the command line refusals quote (default: ``config_argv(cfg)``). The programmatic entry
+    ``argv``: the command line refusals quote (default: ``config_flags(cfg)``). The programmatic entry
     (recipes/ call it); ValueError / OSError for user mistakes."""
-    argv = config_argv(cfg) if argv is None else argv
+    argv = config_flags(cfg) if argv is None else argv
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, teacher, plan = prepare(cfg, argv)
