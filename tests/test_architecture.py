@@ -284,7 +284,7 @@ def test_light_ground_pulls_in_nothing_heavy(module):
 def trainer_violations(imports: list[Import] = ALL_IMPORTS) -> list[str]:
     bad = []
     for imp in imports:
-        if top(imp.module) != "trainer":
+        if top(imp.module) != "trainer" or _under(imp.module, (TRAINER_REMOTE_CODE,)):
             continue
         t = imp.target
         if _under(t, TRAINER_NEVER):
@@ -311,6 +311,27 @@ def test_trainer_never_loads_teacher_code():
     loading only in generate/synthetic, by name (the run itself: tests/test_trainer_objectives.py)."""
     bad = trainer_violations()
     assert not bad, "\n".join(bad)
+
+
+def remote_code_violations(imports: list[Import] = ALL_IMPORTS) -> list[str]:
+    bad = []
+    for imp in imports:
+        inside = _under(imp.module, (TRAINER_REMOTE_CODE,))
+        if inside and top(imp.target) in LAYERS and not _under(imp.target, (TRAINER_REMOTE_CODE,)):
+            bad.append(f"{imp.where()}: {imp.module} imports {imp.target}: an export must load without this project")
+        elif not inside and _under(imp.target, (TRAINER_REMOTE_CODE,)):
+            bad.append(f"{imp.where()}: {imp.module} imports {imp.target}: it is copied into exports, never imported")
+    return bad
+
+
+def test_trainer_remote_code_is_only_a_resource():
+    """trainer/hf_remote/ imports nothing of ours and nothing imports it (the rule itself: both arrows fail)."""
+    assert not remote_code_violations(), "\n".join(remote_code_violations())
+    remote, path = "trainer.hf_remote.modeling_cocomix", "trainer/hf_remote/modeling_cocomix.py"
+    fake = [Import(remote, path, 1, "trainer.model", ()),
+            Import("trainer.export", "trainer/export.py", 2, remote, ()),
+            Import(remote, path, 3, "trainer.hf_remote.configuration_cocomix", ())]
+    assert [b.split(":")[1] for b in remote_code_violations(fake)] == ["1", "2"]
 
 
 def test_trainer_rule_catches_a_model_class():
