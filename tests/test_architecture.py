@@ -64,6 +64,11 @@ TRAINER_ALLOWED_NAMES: dict[str, set[str]] = {
 TRAINER_LIGHT_COMMON = ("common.cli", "common.device")
 """What every trainer module may use of common/."""
 TRAINER_NEVER = ("ray", "sae", "pipeline", "recipes", "bench", "sae_lens", "sparsify", "accelerate", "gguf")
+# trainer/hf_remote/ is the CoCoMix student written for transformers: a resource that `python -m
+# trainer.export` copies into an export directory, where transformers imports it (trust_remote_code;
+# docs/export.md). It must subclass transformers' model classes, so the trainer's rules above do not
+# apply to it; instead no trainer module imports it and it imports nothing of this project.
+TRAINER_REMOTE_CODE = "trainer.hf_remote"
 
 
 @dataclass(frozen=True)
