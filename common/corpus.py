@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import storage
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -110,9 +112,13 @@ def expand_sources(paths: list[str]) -> list[tuple[str, str, str]]:
     """-> [(kind, location, source id)] in a deterministic order; errors name the bad path."""
     out: list[tuple[str, str, str]] = []
     for raw in paths:
+        if storage.is_url(raw):
+            out += _expand_url(raw)
+            continue
         if raw.startswith("hf:"):
             out.append(("hf", raw[3:], raw))
             continue
+        raw = storage.local_path(raw)  # file:///a/b is the path /a/b
         p = Path(raw)
         if _is_hf_dir(p):
             out.append(("hf_disk", raw, p.name))
@@ -134,16 +140,50 @@ def expand_sources(paths: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _expand_url(url: str) -> list[tuple[str, str, str]]:
+    """Sources of a URL (common/storage.py): one object, the corpus files under a prefix, or a glob.
+    Source ids follow the local rules above (the name; the key under the prefix; the key under the
+    matches' common folder), so they never hold the endpoint or a credential, and the same files read
+    from a bucket or from a local copy give the same document ids, hence the same shards."""
+    if storage.has_magic(url):
+        files = storage.glob(url)
+        if not files:
+            raise ValueError(f"corpus glob {url!r} matches no file")
+        base = storage.common_parent(files)
+        return [(_kind(Path(f)) or "text", f, storage.relative(f, base)) for f in files]
+    what = storage.kind(url)
+    if what == "file":
+        return [(_kind(Path(url)) or "text", url, url.rstrip("/").rsplit("/", 1)[-1])]
+    if what == "dir":
+        files = [f for f in storage.list_files(url) if _kind(Path(f))]
+        if not files:
+            raise ValueError(f"corpus prefix {url!r} has no .txt/.jsonl/.parquet files")
+        return [(_kind(Path(f)) or "text", f, storage.relative(f, url)) for f in files]
+    raise ValueError(f"corpus URL {url!r} does not exist (no object and no prefix of that name)")
+
+
+def _each(fn, items: list[str]) -> Iterator:  # noqa: ANN001 - a one-argument function
+    """``map(fn, items)``; over URLs on 16 threads (one request each: a serial walk over thousands
+    of objects would cost minutes), still in order, the first failure in order raised."""
+    if not any(storage.is_url(i) for i in items):
+        return map(fn, items)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return iter(list(pool.map(fn, items)))
+
+
 def check_sources(cfg: CorpusConfig) -> None:
     """The checks that need no parsing, run before any heavy work (tokenizer, Ray): every path
     exists, no text file looks binary, the corpus is not only empty files. Errors name the path."""
     sources = expand_sources(cfg.paths)
     files = [loc for kind, loc, _ in sources if kind in ("text", "jsonl", "parquet")]
+    texts = [loc for kind, loc, _ in sources if kind == "text"]
     try:
-        for kind, loc, _ in sources:
-            if kind == "text" and _looks_binary(loc):
+        for loc, binary in zip(texts, _each(_looks_binary, texts), strict=True):
+            if binary:
                 raise ValueError(f"corpus file {loc!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
-        if files and len(files) == len(sources) and all(os.path.getsize(f) == 0 for f in files):
+        if files and len(files) == len(sources) and all(storage.size(f) == 0 for f in files):
             raise ValueError(f"corpus {' '.join(cfg.paths)} is empty (0 bytes): pass files that hold documents")
     except OSError as e:
         raise ValueError(f"corpus file {e.filename!r} cannot be read: {e.strerror or e}") from e
@@ -206,8 +246,7 @@ class _Emitter:
 
 
 def _looks_binary(path: str) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(_SNIFF_BYTES)
+    return b"\0" in storage.read_range(path, 0, _SNIFF_BYTES)  # one small request for a URL
 
 
 def _forced_cut(buf: bytearray, pos: int) -> int:
@@ -253,7 +292,7 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Itera
         index += 1
         emitted, replaced = False, [False]
 
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         at_line_start = True
         while seg := f.readline(limit):
             em.stats.bytes += len(seg)
@@ -283,7 +322,7 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Itera
 
 
 def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
         index = 0
         for lineno, line in enumerate(f, 1):
             em.stats.bytes += len(line)
@@ -316,7 +355,10 @@ def _read_parquet(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> It
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # A URL: pyarrow's own random-access file, so the footer and each column chunk are ranged reads.
+        pf = pq.ParquetFile(storage.open_random_access(path))
+    except storage.StorageError:
+        raise
     except Exception as e:
         raise ValueError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
     if cfg.text_field not in pf.schema_arrow.names:

@@ -232,16 +232,18 @@ def check_job_paths(paths: dict[str, str | Sequence[str] | None]) -> None:
 
     The job's working directory is Ray's temporary copy of ``--working-dir`` under the head's session
     directory (docs/operations.md): an output written there is lost with the session, and an input read there is
-    whatever was uploaded, on that node only. ``hf:NAME`` corpora are not paths. Outside a job (a shell,
-    `ray submit` over SSH, a test), relative paths mean what they always mean.
+    whatever was uploaded, on that node only. ``hf:NAME`` corpora and URLs (``s3://...``) are not paths. Outside a
+    job (a shell, `ray submit` over SSH, a test), relative paths mean what they always mean.
     """
+    from common.storage import is_url
+
     job = ray_job_id()
     if job is None:
         return
     for flag, value in paths.items():
         values = [value] if isinstance(value, str) else list(value or [])
         for v in values:
-            if not v or v.startswith("hf:") or os.path.isabs(v):
+            if not v or v.startswith("hf:") or os.path.isabs(v) or is_url(v):  # s3://...: common/storage.py
                 continue
             example = "/mnt/efs/" + os.path.basename(os.path.normpath(v))
             raise ValueError(
