@@ -9,15 +9,20 @@ Measured in one run, on the same teacher, SAE and windows (real text when --corp
     forward and a full backward computing parameter gradients, then the dense (tokens, D) x (D, C)
     attribution product and a top-k over all C latents), in tokens/s; target >= 3x;
 (b) ours vs a teacher forward pass alone (with logits) under no_grad, as a time ratio; target <= 2.2x;
-(c) the full Ray pipeline with 1 vs 2 actors (tokens/s once the actors are loaded).
+(c) the full Ray pipeline with 1 vs 2 actors (tokens/s once the actors are loaded);
+(d) sha256 GB/s on one core: the cost of stage 2's start-up check of every token shard.
 Methods are interleaved and repeated; medians are reported, so load from other processes affects
 them alike. With --check-bf16 (GPU): agreement of bf16-autocast labels with fp32 labels.
+``--json PATH`` writes every figure with the machine, the date and the command; bench/scale_model.py
+reads it for stage 2's rows of the scaling model (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -156,9 +161,24 @@ def actors_throughput(teacher: str, sae_dir: str, corpus: Path, windows: int, T:
         cfg = ExtractConfig(tokens=str(tmp / "tokens"), teacher=teacher, sae=sae_dir, out=str(tmp / f"w{n}"),
                             batch_size=batch, num_workers=n, device=device, ray_address="local")
         run(cfg)
-        out[n] = read_runs(cfg.concept_dir)[-1]["throughput"]["tokens_per_s"]  # timings live in the run log
+        thr = read_runs(cfg.concept_dir)[-1]["throughput"]  # timings live in the run log
+        out[n] = thr["tokens_per_s"]
+        out.setdefault("threads_per_actor", {})[n] = thr["threads_per_worker"]
     out["shards"] = len(tm.splits["train"].shards)
     return out
+
+
+def checksum_speed(mb: int) -> float:
+    """GB/s of shards.checksum (sha256 of a file, one core) over a fresh file of ``mb`` MB."""
+    from shards import checksum
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "blob"
+        f.write_bytes(np.random.default_rng(0).integers(0, 256, mb << 20, dtype=np.uint8).tobytes())
+        checksum(f)  # warm the page cache: the start-up check reads shards stage 1 just wrote
+        t = time.perf_counter()
+        checksum(f)
+        return (mb << 20) / 1e9 / (time.perf_counter() - t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-bf16", action="store_true", help="label agreement of bf16 autocast vs fp32")
     p.add_argument("--actors", action="store_true", help="also time the Ray pipeline with 1 vs 2 actors")
     p.add_argument("--actor-windows", type=int, default=16)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the results here (bench/scale_model.py reads them)")
     p.add_argument("--smoke", action="store_true",
                    help="a 128-latent random SAE, 2 windows of 16 tokens, 1 repeat: checks the script runs")
     a = p.parse_args(argv)
@@ -204,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {a.batch_size}, device {dev}{' ' + torch.cuda.get_device_name() if dev.type == 'cuda' else ''}, "
           f"precision {runner.precision}, torch threads {torch.get_num_threads()}")
     t = time_methods(runner, windows, a.batch_size, a.reps, a.k_attr)
-    res: dict = {k: {"seconds": round(v, 3), "tokens_per_s": round(n_tok / v, 1)} for k, v in t.items()}
+    res: dict = {"setup": {
+        "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "bench/extract.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": str(dev), "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],
+        "teacher": a.teacher, "teacher_params": sum(p.numel() for p in model.parameters()),
+        "sae_latents": sae.n_latents, "sae_k": sae.k, "layer": runner.layer, "precision": runner.precision,
+        "windows": a.windows, "seq_len": a.seq_len, "batch_size": a.batch_size, "k_attr": a.k_attr}}
+    res.update({k: {"seconds": round(v, 3), "tokens_per_s": round(n_tok / v, 1)} for k, v in t.items()})
     res["a_ours_vs_reference_speedup"] = round(t["reference"] / t["ours"], 2)
     res["b_ours_over_forward_time"] = round(t["ours"] / t["forward"], 2)
     for k in ("forward", "ours", "reference"):
@@ -219,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         res["c_actors"] = thr
         print(f"(c) Ray pipeline: 1 actor {thr[1]:,.0f} tok/s, 2 actors {thr[2]:,.0f} tok/s "
               f"-> {thr[2] / thr[1]:.2f}x ({thr['shards']} shards)")
+    res["d_checksum_gb_per_s"] = round(checksum_speed(4 if a.smoke else 256), 3)
+    print(f"(d) sha256 of a shard file: {res['d_checksum_gb_per_s']:.2f} GB/s on one core")
     if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0
 
 

@@ -9,10 +9,15 @@
     SAE encode and the dense (B*T, D) x (D, C) attribution. Target: >= 3x faster.
 (c) Loader windows/s (the trainer's StepBatches over the Arrow shard, in-process and with workers)
     vs the windows/s the CoCoMix step consumes. Target: >= 50x.
+(d) With --presets: tokens/s of one training step (CoCoMix and its width-matched NTP baseline) and
+    peak memory for each named trainer preset (trainer/config.py) at --batch windows of its context,
+    on random tokens and labels. bench/scale_model.py reads these (through --json) for the trainer's
+    row of the scaling model (docs/scaling.md).
 
     python bench/train.py                         # CPU, shapes / 4, a few minutes
     python bench/train.py --scale 1 --device cuda --batch 8   # the paper's shapes on a GPU
     python bench/train.py --smoke                 # shapes / 16, one timed step: checks the script runs
+    python bench/train.py --device cuda --batch 8 --presets 69m 386m 1.38b --json bench/results/train-gpu.json
 
 Only this bench imports transformers (for the reference teacher); the trainer never does.
 """
@@ -21,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -32,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards import load_manifest, open_split  # noqa: E402
-from trainer.config import ConceptConfig, ModelConfig  # noqa: E402
+from trainer.config import PRESETS, ConceptConfig, ModelConfig, get_preset  # noqa: E402
 from trainer.data import StepBatches, StepSampler, step_loader  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 from trainer.objectives import compute_losses  # noqa: E402
@@ -142,6 +150,48 @@ class ReferenceLabels:
         return ids, scores
 
 
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU (reset per measurement), else this process's
+    peak RSS (monotone over the run: a later preset's figure includes the earlier ones)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def preset_steps(names: list[str], batch: int, warmup: int, iters: int, device, compile_: bool) -> dict:
+    """(d) tokens/s of one training step per preset and mode (CoCoMix, width-matched NTP), on random
+    tokens and K_attr=4 labels: the step's cost, not the loader's ((c) covers that)."""
+    out: dict = {}
+    for name in names:
+        out[name] = {}
+        for mode in ("cocomix", "ntp"):
+            cfg = get_preset(name, mode)
+            T, V = cfg.block_size, cfg.vocab_size
+            C = cfg.concept.n_concepts if cfg.concept else 2
+            g = torch.Generator().manual_seed(0)
+            b = {"tokens": torch.randint(0, V, (batch, T + 1), generator=g),
+                 "concept_ids": torch.randint(0, C, (batch, T, 4), generator=g),
+                 "concept_scores": torch.rand(batch, T, 4, generator=g) + 0.1}
+            b = {k: v.to(device) for k, v in b.items()}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            torch.manual_seed(0)
+            model = GPT(cfg).to(device)
+            step = StudentStep(model, device, compile_)
+            t = timeit({mode: lambda step=step, b=b: step(b)}, warmup, iters, device)[mode]
+            out[name][mode] = {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "seq_len": T, "batch": batch,
+                               "params": model.num_params(), "flops_per_token": model.flops_per_token(T),
+                               "step_s": t, "tokens_per_s": batch * T / t, "peak_memory_mb": peak_memory_mb(device)}
+            r = out[name][mode]
+            print(f"(d) preset {name:6s} {mode:8s} d={cfg.d_model:5d} params {r['params'] / 1e6:8.2f}M  "
+                  f"step {t * 1e3:9.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
+                  f"{r['flops_per_token'] * r['tokens_per_s'] / 1e12:6.2f} TFLOP/s  "
+                  f"peak {r['peak_memory_mb']:,.0f} MB", flush=True)
+            del model, step, b
+    return out
+
+
 def timeit(fns: dict, warmup: int, iters: int, device) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin (one call of each per round) so
     that load from other processes spreads evenly over the contenders."""
@@ -168,21 +218,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the students")
-    p.add_argument("--json", default="", help="also write the results here")
-    p.add_argument("--smoke", action="store_true", help="shapes / 16, batch 2, one timed step, short loader runs: "
-                   "checks the script runs")
+    p.add_argument("--presets", nargs="*", default=[], choices=sorted(PRESETS), metavar="PRESET",
+                   help=f"(d) also time a training step of these trainer presets ({', '.join(PRESETS)})")
+    p.add_argument("--json", default="", help="also write the results here (bench/scale_model.py reads them)")
+    p.add_argument("--smoke", action="store_true", help="shapes / 16, batch 2, one timed step, short loader runs, "
+                   "(d) on the tiny preset: checks the script runs")
     a = p.parse_args(argv)
     loader_s, loader_steps = 2.0, 400
     if a.smoke:
         a.scale, a.batch, a.iters, a.warmup = 16, 2, 1, 1
         loader_s, loader_steps = 0.2, 20
+        a.presets = ["tiny"]
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     s = shapes(a.scale)
     B, T = a.batch, s["T"]
     res: dict = {"device": str(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
-                 "threads": torch.get_num_threads(), "shapes": s, "batch": B}
+                 "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                 "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                 "command": " ".join(["python", "bench/train.py", *(argv if argv is not None else sys.argv[1:])]),
+                 "scale": a.scale, "shapes": s, "batch": B}
     print(f"shapes (paper / {a.scale}): {json.dumps(s)}; batch {B} x T {T}; device {res['device']}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             res[f"a_{kind}_step_s"] = steps[kind]
             res[f"a_{kind}_flops_per_step"] = flops
             res[f"a_{kind}_params"] = model.num_params()
+            res[f"a_{kind}_tokens_per_s"] = B * T / steps[kind]
             print(f"(a) {kind:9s} d={model.cfg.d_model:5d} params {model.num_params() / 1e6:7.2f}M  "
                   f"step {steps[kind] * 1e3:8.1f} ms  "
                   f"{B * T / steps[kind]:9.0f} tok/s  {flops / steps[kind] / 1e12:6.2f} TFLOP/s", flush=True)
@@ -269,7 +326,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"trainer consumes {consume:,.1f} windows/s: {inproc / consume:,.0f}x / {workers / consume:,.0f}x "
               "(target >= 50x)", flush=True)
         ds.close()
+    if a.presets:  # (d)
+        res["d_presets"] = preset_steps(a.presets, B, a.warmup, a.iters, dev, a.compile)
+    res["peak_memory_mb"] = peak_memory_mb(dev)
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
     return res
 

@@ -5,6 +5,7 @@ the ``sae`` package and failed only at run time (docs/architecture.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,9 +22,16 @@ BENCHES = {
     "store": ([], "checksum (sha256) speed"),
     "stage1": (["--tokenizer", "{teacher}"], "shards byte-identical across variants: yes"),
     "sae_speed": (["--teacher", "{teacher}", "--layer", "1"], "stop after hook block"),
-    "extract": (["--teacher", "{teacher}", "--layer", "1"], "(a) ours vs reference"),
-    "train": (["--threads", "1"], "(c) loader"),
+    "extract": (["--teacher", "{teacher}", "--layer", "1", "--json", "{tmp}/r.json"], "(a) ours vs reference"),
+    "train": (["--threads", "1", "--json", "{tmp}/r.json"], "(c) loader"),
     "verify": (["--dir", "{tmp}/b"], "extrapolated open-time verification of a 10B tokens extraction"),
+    "scale_model": (["--markdown"], "| stage | K = 1 | K = 8 | K = 64 |"),
+}
+
+# The keys of a bench's --json output that bench/scale_model.py reads (its Inputs class).
+JSON_KEYS = {
+    "extract": [("ours", "tokens_per_s"), ("setup", "torch_threads"), ("setup", "measured"), ("d_checksum_gb_per_s",)],
+    "train": [("d_presets", "tiny", "cocomix", "tokens_per_s"), ("c_loader_windows_per_s_2workers",), ("shapes", "T")],
 }
 
 
@@ -39,6 +47,11 @@ def test_bench_smoke(name, tiny_teacher_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert expected in r.stdout, r.stdout[-3000:]
+    for keys in JSON_KEYS.get(name, []):
+        d = json.loads((tmp_path / "r.json").read_text())
+        for k in keys:
+            d = d[k]
+        assert isinstance(d, (int, float)) or keys[-1] == "measured", (keys, d)
     if name == "verify":
         assert "GB/s" in r.stdout and "s/GB" in r.stdout
         assert not (tmp_path / "b").exists()  # the bench removes what it wrote

@@ -1,0 +1,116 @@
+"""bench/scale_model.py: the scaling model's arithmetic against a naive recomputation from its inputs,
+the bytes per field against the manifests, and every missing or bad input named with its command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("scale_model", ROOT / "bench" / "scale_model.py")
+sm = importlib.util.module_from_spec(spec)
+sys.modules["scale_model"] = sm  # dataclasses look their module up there
+spec.loader.exec_module(sm)
+
+
+def model(tmp_path: Path, drop: tuple[str, ...] = (), **over) -> dict:
+    for name, d in sm.SMOKE.items():
+        if name not in drop:
+            (tmp_path / name).write_text(json.dumps(d))
+    cfg = sm.ScaleConfig(results=str(tmp_path), gpu_figures=str(ROOT / "bench/results/h200-2026.json"),
+                         manifests=[str(ROOT / "manifests/owt.json"), str(ROOT / "manifests/demo.json")], **over)
+    return sm.compute(sm.Inputs(cfg))
+
+
+def test_cells_against_a_naive_recomputation(tmp_path):
+    res = model(tmp_path, cores_per_node=16, storage_gbps=3.0)
+    s1, mb = sm.SMOKE["stage1.json"], sm.SMOKE["manifest.json"]["10000"]
+    per_shard = (64_000_000 // (513 * 2)) * 512  # stage 1's default 64 MB shards of 512 + 1 uint16 tokens
+    owt = res["corpora"]["OpenWebText (9B tokens)"]
+    # stage 1 on 1 node: 15 workers (the driver keeps a core) vs the driver vs storage (corpus + tokens bytes)
+    m = json.loads((ROOT / "manifests/owt.json").read_text())
+    corpus_bpt = m["corpus"]["bytes"] / sum(s["stream_tokens"] for s in m["splits"].values())
+    tok_parts = [sh["parts"]["tokens"] for s in m["splits"].values() for sh in s["shards"]]
+    tok_bpt = 513 * 2 / 512 * sum(p["bytes"] for p in tok_parts) / (513 * 2 * sum(
+        sh["windows"] for s in m["splits"].values() for sh in s["shards"]))
+    limits = {"workers": 15 * s1["tokens_per_s"]["1"], "driver": per_shard / s1["driver_cpu_s_per_shard"],
+              "storage": 3e9 / (corpus_bpt + tok_bpt)}
+    cell = owt["rows"]["stage 1, K CPU nodes"]["1"]
+    assert cell["bottleneck"] == min(limits, key=limits.get) == "workers"
+    assert cell["wall_s"] == pytest.approx(9e9 / min(limits.values()), rel=1e-9)
+    assert cell["unit_hours"] == pytest.approx(cell["wall_s"] * 16 / 3600)
+    # stage 2 bf16 on 8 GPUs: the H200 figure x 8, plus the start-up sha256 of the token shards
+    h200 = json.loads((ROOT / "bench/results/h200-2026.json").read_text())["stage2"]["tokens_per_s"]
+    cell = owt["rows"]["stage 2, K x H200 bf16"]["8"]
+    startup = 9e9 * tok_bpt / 1e9 / min(sm.SMOKE["extract.json"]["d_checksum_gb_per_s"], 3.0)
+    gpu = 8 * h200["bfloat16"]["ours"]
+    assert gpu < per_shard / mb["bookkeeping_s_per_shard"] and gpu < 3e9 / (tok_bpt + 146)
+    assert cell["bottleneck"] == "GPUs"
+    assert cell["wall_s"] == pytest.approx(startup + 9e9 / gpu, rel=1e-3)
+    assert cell["unit_hours"] == pytest.approx(cell["wall_s"] * 8 / 3600)
+    # stage 1 on 64 nodes: more workers than partitions, so the partitions bound the workers
+    cell = owt["rows"]["stage 1, K CPU nodes"]["64"]
+    parts = math.ceil(9e9 / s1["tokens_per_partition"])
+    assert any(f"{parts:,} partitions" in n for n in cell["notes"])
+    assert cell["limits"][0]["tokens_per_s"] == parts * s1["tokens_per_s"]["1"]
+
+
+def test_storage_per_field_from_the_manifests(tmp_path):
+    st = model(tmp_path)["storage"]
+    f = st["fields"]
+    assert f["tokens"]["bytes_per_token"] == pytest.approx(2 * 513 / 512)
+    assert (f["concept_ids"]["bytes_per_token"], f["concept_scores"]["bytes_per_token"]) == (8, 8)
+    assert f["mix_ids"]["bytes_per_token"] + f["mix_vals"]["bytes_per_token"] == 4 * 32  # docs/data.md
+    assert f["kd_ids"]["bytes_per_token"] + f["kd_logprobs"]["bytes_per_token"] == 6 * 32
+    assert f["tokens"]["bytes"]["1T tokens"] == pytest.approx(1e12 * 2 * 513 / 512)
+    assert st["totals"]["stage 2 labels only (--k-mix 0)"]["bytes_per_token"] == pytest.approx(18, rel=1e-3)
+    assert 0 <= st["part_overhead"]["tokens"] < 0.01
+
+
+def test_gpu_presets_without_a_measurement_are_marked_estimates(tmp_path):
+    figs = model(tmp_path)["figures"]
+    assert not figs["tr_tps_69m"]["source"].startswith("ESTIMATE")
+    assert figs["tr_tps_386m"]["source"].startswith("ESTIMATE") and "--presets" in figs["tr_tps_386m"]["source"]
+    (tmp_path / "train-gpu.json").write_text(json.dumps({
+        "device": "NVIDIA H200", "measured": "2026-12-01", "shapes": {"T": 1024},
+        "c_loader_windows_per_s_2workers": 1e4,
+        "d_presets": {"386m": {"cocomix": {"tokens_per_s": 12345.0}}}}))
+    figs = model(tmp_path)["figures"]
+    assert figs["tr_tps_386m"] == {"value": 12345.0, "source": "train-gpu.json (NVIDIA H200, 2026-12-01)"}
+    assert figs["tr_tps_1.38b"]["source"].startswith("ESTIMATE")
+
+
+def test_missing_inputs_are_named_with_their_command(tmp_path):
+    (tmp_path / "bad").mkdir()
+    s1 = dict(sm.SMOKE["stage1.json"])
+    del s1["driver_cpu_s_per_shard"]
+    (tmp_path / "bad" / "stage1.json").write_text(json.dumps(s1))
+    res = model(tmp_path / "bad", drop=("stage1.json", "manifest.json"))
+    assert any("has no driver_cpu_s_per_shard: rerun `python bench/stage1.py --json" in m for m in res["missing"])
+    assert any("manifest.json is missing: run `python bench/manifest.py --json" in m for m in res["missing"])
+    cell = res["corpora"]["1T tokens"]["rows"]["stage 1, K CPU nodes"]["8"]
+    assert cell["wall_s"] is None and cell["needs"] == ["stage1.json (s1_driver_s_per_shard)"]
+    assert res["corpora"]["1T tokens"]["rows"]["stage 2, K x H200 fp32"]["8"]["needs"]
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/scale_model.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_strict_and_bad_flags_are_one_line(tmp_path):
+    r = run("--results", str(tmp_path), "--strict")
+    assert r.returncode == 2 and r.stderr.startswith("error: 3 input(s) missing") and len(r.stderr.splitlines()) == 1
+    assert "python bench/stage1.py --json bench/results/stage1.json" in r.stdout
+    r = run("--storage-gbps", "0")
+    assert r.returncode == 2 and r.stderr == "error: --storage-gbps must be > 0, got 0.0\n"
+    (tmp_path / "stage1.json").write_text("{not json")
+    r = run("--results", str(tmp_path))
+    assert r.returncode == 2 and "stage1.json is not JSON" in r.stderr and "bench/stage1.py --json" in r.stderr
+
