@@ -276,6 +276,7 @@ class Cell:
 
     wall_s: float | None = None
     bottleneck: str | None = None
+    lower_bound: bool = False  # a limit's figure is missing (``needs``): the stage takes at least wall_s
     startup_s: float = 0.0
     unit_hours: float | None = None  # GPU-hours (stage 2, training) or core-hours (stage 1)
     limits: list[Limit] = field(default_factory=list)
@@ -284,12 +285,14 @@ class Cell:
 
 
 def _finish(cell: Cell, tokens: float, units: int) -> Cell:
-    if cell.needs or not cell.limits:
+    """The wall time at the smallest limit; with a limit's figure missing (``needs``), a lower bound."""
+    if not cell.limits:
         return cell
     low = min(cell.limits, key=lambda lim: lim.tokens_per_s)
     cell.bottleneck = low.name
     cell.wall_s = cell.startup_s + tokens / low.tokens_per_s
     cell.unit_hours = cell.wall_s * units / 3600
+    cell.lower_bound = bool(cell.needs)
     return cell
 
 
@@ -299,6 +302,7 @@ PRODUCER = {"s1_": "stage1.json", "m_": "manifest.json", "s2_cpu": "extract.json
 
 
 def _need(inp: Inputs, cell: Cell, *keys: str) -> bool:
+    """True when every figure is there; else the missing ones go to ``cell.needs``."""
     by: dict[str, list[str]] = {}
     for k in keys:
         if k not in inp.figs:
@@ -309,7 +313,7 @@ def _need(inp: Inputs, cell: Cell, *keys: str) -> bool:
 
 def stage1(inp: Inputs, tokens: float, k: int) -> Cell:
     cfg, f, c = inp.cfg, inp.figs, Cell()
-    if not _need(inp, c, "s1_worker_tps", "s1_driver_s_per_shard"):
+    if not _need(inp, c, "s1_worker_tps"):
         return c
     workers = k * cfg.cores_per_node - 1
     if "s1_tokens_per_partition" in f:
@@ -322,9 +326,10 @@ def stage1(inp: Inputs, tokens: float, k: int) -> Cell:
     per = f["s1_worker_tps"].value
     c.limits.append(Limit("workers", workers * per, f"{workers:,} x {per:,.0f} tokens/s per worker"))
     tps = tokens_per_shard()
-    drv = f["s1_driver_s_per_shard"].value
-    c.limits.append(Limit("driver", tps / drv if drv > 0 else math.inf,
-                          f"{tps:,} tokens per shard / {drv:.4f} driver CPU s per shard"))
+    if _need(inp, c, "s1_driver_s_per_shard"):
+        drv = f["s1_driver_s_per_shard"].value
+        c.limits.append(Limit("driver", tps / drv if drv > 0 else math.inf,
+                              f"{tps:,} tokens per shard / {drv:.4f} driver CPU s per shard"))
     io = f["corpus_bytes_per_token"].value + inp.bytes_per_token(("tokens",))
     c.limits.append(Limit("storage", cfg.storage_gbps * 1e9 / io,
                           f"{cfg.storage_gbps:g} GB/s / {io:.2f} B per token (corpus read + tokens written)"))
@@ -334,25 +339,23 @@ def stage1(inp: Inputs, tokens: float, k: int) -> Cell:
 def _stage2_common(inp: Inputs, c: Cell, tokens: float) -> None:
     """The driver's bookkeeping, storage and the start-up check: the same on GPUs and CPUs."""
     f, tps = inp.figs, tokens_per_shard()
-    if "m_bookkeeping_s_per_shard" in f:
+    if _need(inp, c, "m_bookkeeping_s_per_shard"):
         b = f["m_bookkeeping_s_per_shard"].value
         c.limits.append(Limit("driver", tps / b if b > 0 else math.inf,
                               f"{tps:,} tokens per shard / {b:.4f} s manifest bookkeeping per shard"))
     io = inp.bytes_per_token(("tokens",) + STAGE2_WRITES)
     c.limits.append(Limit("storage", inp.cfg.storage_gbps * 1e9 / io,
                           f"{inp.cfg.storage_gbps:g} GB/s / {io:.1f} B per token (tokens read + concepts written)"))
-    if "checksum_gbps" in f:  # pipeline/extract_plan.py verify_token_shards: one core, before the teacher loads
+    if _need(inp, c, "checksum_gbps"):  # pipeline/extract_plan.py verify_token_shards: one core, first
         gb = tokens * inp.bytes_per_token(("tokens",)) / 1e9
         c.startup_s = gb / min(f["checksum_gbps"].value, inp.cfg.storage_gbps)
         c.notes.append(f"start-up sha256 of {gb:,.0f} GB of token shards: {fmt_time(c.startup_s)}")
-    else:
-        c.notes.append("start-up sha256 of the token shards not included (no checksum figure)")
 
 
 def stage2_gpu(precision: str):
     def build(inp: Inputs, tokens: float, k: int) -> Cell:
         c = Cell()
-        if not _need(inp, c, f"s2_gpu_tps_{precision}", "m_bookkeeping_s_per_shard"):
+        if not _need(inp, c, f"s2_gpu_tps_{precision}"):
             return c
         per = inp.figs[f"s2_gpu_tps_{precision}"].value
         c.limits.append(Limit("GPUs", k * per, f"{k} x {per:,.0f} tokens/s per GPU ({precision})"))
@@ -364,7 +367,7 @@ def stage2_gpu(precision: str):
 def stage2_cpu(inp: Inputs, tokens: float, k: int) -> Cell:
     """One actor per node using all its cores; tokens/s assumed linear in threads (an optimistic bound)."""
     c = Cell()
-    if not _need(inp, c, "s2_cpu_actor_tps", "s2_cpu_actor_threads", "m_bookkeeping_s_per_shard"):
+    if not _need(inp, c, "s2_cpu_actor_tps", "s2_cpu_actor_threads"):
         return c
     f, n = inp.figs, inp.cfg.cores_per_node
     per = f["s2_cpu_actor_tps"].value * n / f["s2_cpu_actor_threads"].value
@@ -378,18 +381,19 @@ def trainer(preset: str):
     def build(inp: Inputs, tokens: float, k: int) -> Cell:
         c = Cell()
         key = f"tr_tps_{preset}"
-        if not _need(inp, c, key, "tr_loader_tps"):
+        if not _need(inp, c, key):
             return c
         f = inp.figs
         per = f[key].value
         c.limits.append(Limit("GPUs", k * per, f"{k} x {per:,.0f} tokens/s per GPU"
                               + (" (estimated)" if f[key].source.startswith("ESTIMATE") else "")))
-        c.limits.append(Limit("loader", k * f["tr_loader_tps"].value,
-                              f"{k} x {f['tr_loader_tps'].value:,.0f} tokens/s of loader per rank"))
+        if _need(inp, c, "tr_loader_tps"):
+            c.limits.append(Limit("loader", k * f["tr_loader_tps"].value,
+                                  f"{k} x {f['tr_loader_tps'].value:,.0f} tokens/s of loader per rank"))
         io = inp.bytes_per_token(COCOMIX_READS)
         c.limits.append(Limit("storage", inp.cfg.storage_gbps * 1e9 / io,
                               f"{inp.cfg.storage_gbps:g} GB/s / {io:.1f} B per token (fields CoCoMix reads)"))
-        if "checksum_gbps" in f:  # --verify open reads every byte of every part (shards/dataset.py)
+        if _need(inp, c, "checksum_gbps"):  # --verify open reads every byte of every part (shards/dataset.py)
             gb = tokens * inp.bytes_per_token(("tokens",) + STAGE2_WRITES) / 1e9
             c.startup_s = gb / min(k * VERIFY_THREADS * f["checksum_gbps"].value, inp.cfg.storage_gbps)
             c.notes.append(f"--verify open over {gb:,.0f} GB: {fmt_time(c.startup_s)} (--verify lazy spreads it)")
@@ -503,9 +507,14 @@ def render(res: dict, markdown: bool) -> str:
             r = [label]
             for k in ks:
                 x = cells[k]
-                r.append(f"needs {', '.join(x['needs'])}" if x["needs"] else
-                         f"{fmt_time(x['wall_s'])}, {x['unit_hours']:,.0f} {units[label]} ({x['bottleneck']}"
-                         + (f"; {fmt_time(x['startup_s'])} start-up)" if x["startup_s"] > 0.1 * x["wall_s"] else ")"))
+                needs = ", ".join(dict.fromkeys(n.split(" (")[0] for n in x["needs"]))  # the files, once
+                if x["wall_s"] is None:
+                    r.append(f"needs {needs}")
+                    continue
+                r.append(("≥ " if x["lower_bound"] else "")
+                         + f"{fmt_time(x['wall_s'])}, {x['unit_hours']:,.0f} {units[label]} ({x['bottleneck']}"
+                         + (f"; {fmt_time(x['startup_s'])} start-up" if x["startup_s"] > 0.1 * x["wall_s"] else "")
+                         + (f"; needs {needs})" if needs else ")"))
             rows.append(r)
         out.append(table(["stage", *[f"K = {k}" for k in ks]], rows, markdown))
         out += [""] + [f"- {n}" for n in cell_notes(c["rows"], ks)]

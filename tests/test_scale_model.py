@@ -94,9 +94,20 @@ def test_missing_inputs_are_named_with_their_command(tmp_path):
     res = model(tmp_path / "bad", drop=("stage1.json", "manifest.json"))
     assert any("has no driver_cpu_s_per_shard: rerun `python bench/stage1.py --json" in m for m in res["missing"])
     assert any("manifest.json is missing: run `python bench/manifest.py --json" in m for m in res["missing"])
+    # a missing limit: the others give a lower bound, marked as such
     cell = res["corpora"]["1T tokens"]["rows"]["stage 1, K CPU nodes"]["8"]
-    assert cell["wall_s"] is None and cell["needs"] == ["stage1.json (s1_driver_s_per_shard)"]
-    assert res["corpora"]["1T tokens"]["rows"]["stage 2, K x H200 fp32"]["8"]["needs"]
+    assert cell["needs"] == ["stage1.json (s1_driver_s_per_shard)"] and cell["lower_bound"]
+    assert [lim["name"] for lim in cell["limits"]] == ["workers", "storage"]
+    assert cell["wall_s"] == pytest.approx(1e12 / min(lim["tokens_per_s"] for lim in cell["limits"]))
+    cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K x H200 fp32"]["8"]
+    assert cell["needs"] == ["manifest.json (m_bookkeeping_s_per_shard)"] and cell["lower_bound"]
+    # the throughput figure itself missing: no number at all
+    (tmp_path / "bad2").mkdir()
+    res = model(tmp_path / "bad2", drop=("stage1.json", "extract.json"))
+    cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K CPU nodes"]["1"]
+    assert cell["wall_s"] is None and cell["needs"] == ["extract.json (s2_cpu_actor_tps, s2_cpu_actor_threads)"]
+    cell = res["corpora"]["1T tokens"]["rows"]["train 69m CoCoMix, K x H200"]["1"]  # --verify open's cost unknown
+    assert cell["lower_bound"] and cell["needs"] == ["extract.json (checksum_gbps)"] and cell["startup_s"] == 0
 
 
 def run(*argv: str) -> subprocess.CompletedProcess:
