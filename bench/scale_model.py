@@ -142,7 +142,6 @@ class Inputs:
         self._put("s1_worker_tps", d, ("tokens_per_s", "1"), s, "stage1")
         self._put("s1_driver_s_per_shard", d, ("driver_cpu_s_per_shard",), s, "stage1")
         self._put("s1_tail_per_partition", d, ("tail_tokens_per_partition",), s, "stage1")
-        self._put("s1_tokens_per_partition", d, ("tokens_per_partition",), s, "stage1")
         if "2" in d.get("tokens_per_s", {}):
             self._put("s1_two_worker_tps", d, ("tokens_per_s", "2"), s, "stage1")
 
@@ -249,14 +248,38 @@ def flops_per_token(preset: str) -> float:
         return GPT(cfg).flops_per_token(cfg.block_size)
 
 
-def tokens_per_shard() -> int:
-    """Stage 1's default shard: --shard-mb of windows of seq_len + 1 uint16 tokens (pipeline/stage1.py)."""
+@dataclass
+class Layout:
+    """How stage 1's defaults cut a corpus: tasks (input partitions) and shards."""
+
+    tasks: int
+    shards: int
+    tokens_per_task: float
+    tokens_per_shard: float
+    text: str
+
+
+def layout(inp: Inputs, tokens: float) -> Layout:
+    """Stage 1's defaults (pipeline/stage1_config.py): --shard-mb of windows of seq_len + 1 uint16 tokens;
+    --task-mb of input per task (common/partition.py), each task packing and writing its own shards, so a
+    task smaller than a shard writes one smaller shard. Input bytes per token from a real manifest."""
     from dataclasses import fields
 
     from pipeline.stage1_config import TokenizeConfig
 
     d = {f.name: f.default for f in fields(TokenizeConfig)}
-    return int(d["shard_mb"] * 1e6) // ((d["seq_len"] + 1) * 2) * d["seq_len"]
+    shard = int(d["shard_mb"] * 1e6) // ((d["seq_len"] + 1) * 2) * d["seq_len"]
+    if "task_mb" not in d:  # one driver packs the whole stream
+        n = math.ceil(tokens / shard)
+        return Layout(1, n, tokens, tokens / n, f"{n:,} shards of {shard / 1e6:.1f}M tokens (--shard-mb "
+                      f"{d['shard_mb']:g})")
+    per_task = d["task_mb"] * 1e6 / inp.figs["corpus_bytes_per_token"].value
+    tasks = math.ceil(tokens / per_task)
+    shards = tasks * math.ceil(per_task / shard)
+    return Layout(tasks, shards, per_task, tokens / shards,
+                  f"{tasks:,} stage-1 tasks of {per_task / 1e6:.1f}M tokens (--task-mb {d['task_mb']:g} at "
+                  f"{inp.figs['corpus_bytes_per_token'].value:.2f} corpus bytes per token), {shards:,} shards of "
+                  f"{tokens / shards / 1e6:.1f}M tokens (--shard-mb {d['shard_mb']:g}: at most {shard / 1e6:.1f}M)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,21 +338,19 @@ def stage1(inp: Inputs, tokens: float, k: int) -> Cell:
     cfg, f, c = inp.cfg, inp.figs, Cell()
     if not _need(inp, c, "s1_worker_tps"):
         return c
-    workers = k * cfg.cores_per_node - 1
-    if "s1_tokens_per_partition" in f:
-        parts = math.ceil(tokens / f["s1_tokens_per_partition"].value)
-        if parts < workers:
-            c.notes.append(f"{parts:,} partitions < {workers:,} workers: the extra workers idle")
-            workers = parts
-        if "s1_tail_per_partition" in f:
-            c.notes.append(f"tail tokens dropped: {parts * f['s1_tail_per_partition'].value / tokens:.4%}")
+    workers, lay = k * cfg.cores_per_node - 1, layout(inp, tokens)
+    if lay.tasks < workers:
+        c.notes.append(f"{lay.tasks:,} tasks < {workers:,} workers: the extra workers idle")
+        workers = lay.tasks
+    if "s1_tail_per_partition" in f:  # each task's last partial window is dropped
+        c.notes.append(f"tail tokens dropped: {lay.tasks * f['s1_tail_per_partition'].value / tokens:.4%}")
     per = f["s1_worker_tps"].value
     c.limits.append(Limit("workers", workers * per, f"{workers:,} x {per:,.0f} tokens/s per worker"))
-    tps = tokens_per_shard()
+    tps = lay.tokens_per_shard
     if _need(inp, c, "s1_driver_s_per_shard"):
         drv = f["s1_driver_s_per_shard"].value
         c.limits.append(Limit("driver", tps / drv if drv > 0 else math.inf,
-                              f"{tps:,} tokens per shard / {drv:.4f} driver CPU s per shard"))
+                              f"{tps:,.0f} tokens per shard / {drv:.4f} driver CPU s per shard"))
     io = f["corpus_bytes_per_token"].value + inp.bytes_per_token(("tokens",))
     c.limits.append(Limit("storage", cfg.storage_gbps * 1e9 / io,
                           f"{cfg.storage_gbps:g} GB/s / {io:.2f} B per token (corpus read + tokens written)"))
@@ -338,11 +359,11 @@ def stage1(inp: Inputs, tokens: float, k: int) -> Cell:
 
 def _stage2_common(inp: Inputs, c: Cell, tokens: float) -> None:
     """The driver's bookkeeping, storage and the start-up check: the same on GPUs and CPUs."""
-    f, tps = inp.figs, tokens_per_shard()
+    f, tps = inp.figs, layout(inp, tokens).tokens_per_shard
     if _need(inp, c, "m_bookkeeping_s_per_shard"):
         b = f["m_bookkeeping_s_per_shard"].value
         c.limits.append(Limit("driver", tps / b if b > 0 else math.inf,
-                              f"{tps:,} tokens per shard / {b:.4f} s manifest bookkeeping per shard"))
+                              f"{tps:,.0f} tokens per shard / {b:.4f} s manifest bookkeeping per shard"))
     io = inp.bytes_per_token(("tokens",) + STAGE2_WRITES)
     c.limits.append(Limit("storage", inp.cfg.storage_gbps * 1e9 / io,
                           f"{inp.cfg.storage_gbps:g} GB/s / {io:.1f} B per token (tokens read + concepts written)"))
@@ -439,12 +460,12 @@ def fmt_rate(r: float) -> str:
 
 def compute(inp: Inputs) -> dict:
     """Every cell of every table, the storage per field and the figures used, as one JSON-able dict."""
-    per_shard = tokens_per_shard()
-    out: dict = {"config": asdict(inp.cfg), "tokens_per_shard": per_shard, "missing": inp.missing,
+    out: dict = {"config": asdict(inp.cfg), "missing": inp.missing,
                  "figures": {k: asdict(v) for k, v in sorted(inp.figs.items())}, "corpora": {}}
     for name, tokens in CORPORA.items():
-        shards = math.ceil(tokens / per_shard)
-        notes = [f"{shards:,} shards of {per_shard / 1e6:.1f}M tokens (stage 1's default --shard-mb)"]
+        lay = layout(inp, tokens)
+        shards = lay.shards
+        notes = [lay.text]
         f = inp.figs
         if "m_load_s" in f and "m_open_split_s" in f:
             x = shards / 10_000  # B's figures at 10k shards, taken as linear in the shard count
@@ -452,7 +473,7 @@ def compute(inp: Inputs) -> dict:
                          f"{f['m_open_split_s'].value * x:.2f} s and {f['m_open_split_mb'].value * x:,.0f} MB at "
                          f"{shards:,} shards (the 10k-shard figures, linear in shards)")
         rows = {label: {str(k): asdict(build(inp, tokens, k)) for k in inp.cfg.nodes} for label, _, build in ROWS}
-        out["corpora"][name] = {"tokens": tokens, "shards": shards, "notes": notes, "rows": rows}
+        out["corpora"][name] = {"tokens": tokens, "layout": asdict(lay), "notes": notes, "rows": rows}
     fields = {}
     for f, spec in inp.fields.items():
         b = spec["bytes_per_token"]
@@ -546,8 +567,7 @@ def render(res: dict, markdown: bool) -> str:
 # Fixture inputs for --smoke, with the field names each bench's --json writes.
 SMOKE = {
     "stage1.json": {"measured": "smoke", "tokens_per_s": {"1": 300000.0, "2": 560000.0},
-                    "driver_cpu_s_per_shard": 0.05, "tail_tokens_per_partition": 256.0,
-                    "tokens_per_partition": 16e6},
+                    "driver_cpu_s_per_shard": 0.05, "tail_tokens_per_partition": 256.0},
     "manifest.json": {"measured": "smoke", "10000": {"load_s": 0.5, "open_split_s": 0.8, "open_split_mb": 60.0,
                                                      "bookkeeping_s_per_shard": 0.002}},
     "extract.json": {"setup": {"measured": "smoke", "device": "cpu", "device_name": "cpu", "torch_threads": 2},

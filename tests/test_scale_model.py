@@ -3,6 +3,7 @@ the bytes per field against the manifests, and every missing or bad input named 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pipeline.stage1_config import TokenizeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("scale_model", ROOT / "bench" / "scale_model.py")
@@ -31,11 +34,17 @@ def model(tmp_path: Path, drop: tuple[str, ...] = (), **over) -> dict:
 def test_cells_against_a_naive_recomputation(tmp_path):
     res = model(tmp_path, cores_per_node=16, storage_gbps=3.0)
     s1, mb = sm.SMOKE["stage1.json"], sm.SMOKE["manifest.json"]["10000"]
-    per_shard = (64_000_000 // (513 * 2)) * 512  # stage 1's default 64 MB shards of 512 + 1 uint16 tokens
     owt = res["corpora"]["OpenWebText (9B tokens)"]
-    # stage 1 on 1 node: 15 workers (the driver keeps a core) vs the driver vs storage (corpus + tokens bytes)
     m = json.loads((ROOT / "manifests/owt.json").read_text())
     corpus_bpt = m["corpus"]["bytes"] / sum(s["stream_tokens"] for s in m["splits"].values())
+    # stage 1's defaults: 64 MB shards of 512 + 1 uint16 tokens; tasks of 64 MB of input, each writing its own
+    shard = (64_000_000 // (513 * 2)) * 512
+    defaults = {f.name: f.default for f in dataclasses.fields(TokenizeConfig)}
+    per_task = defaults["task_mb"] * 1e6 / corpus_bpt if "task_mb" in defaults else 9e9
+    tasks = math.ceil(9e9 / per_task)
+    per_shard = 9e9 / (tasks * math.ceil(per_task / shard))
+    assert owt["layout"]["tasks"] == tasks and owt["layout"]["tokens_per_shard"] == pytest.approx(per_shard)
+    # stage 1 on 1 node: 15 workers (the driver keeps a core) vs the driver vs storage (corpus + tokens bytes)
     tok_parts = [sh["parts"]["tokens"] for s in m["splits"].values() for sh in s["shards"]]
     tok_bpt = 513 * 2 / 512 * sum(p["bytes"] for p in tok_parts) / (513 * 2 * sum(
         sh["windows"] for s in m["splits"].values() for sh in s["shards"]))
@@ -54,11 +63,10 @@ def test_cells_against_a_naive_recomputation(tmp_path):
     assert cell["bottleneck"] == "GPUs"
     assert cell["wall_s"] == pytest.approx(startup + 9e9 / gpu, rel=1e-3)
     assert cell["unit_hours"] == pytest.approx(cell["wall_s"] * 8 / 3600)
-    # stage 1 on 64 nodes: more workers than partitions, so the partitions bound the workers
+    # stage 1 on 64 nodes: more workers than tasks, so the tasks bound the workers
     cell = owt["rows"]["stage 1, K CPU nodes"]["64"]
-    parts = math.ceil(9e9 / s1["tokens_per_partition"])
-    assert any(f"{parts:,} partitions" in n for n in cell["notes"])
-    assert cell["limits"][0]["tokens_per_s"] == parts * s1["tokens_per_s"]["1"]
+    assert tasks < 64 * 16 - 1 and any(f"{tasks:,} tasks" in n for n in cell["notes"])
+    assert cell["limits"][0]["tokens_per_s"] == tasks * s1["tokens_per_s"]["1"]
 
 
 def test_storage_per_field_from_the_manifests(tmp_path):
