@@ -155,7 +155,7 @@ def test_cocomix_generate_and_steering_equal_trainer_generate(tmp_path, tokenize
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
-    """Tiny NTP and CoCoMix students trained 12 steps on synthetic shards recorded with the tiny BPE
+    """Tiny NTP, KD and CoCoMix students trained 12 steps on synthetic shards recorded with the tiny BPE
     tokenizer (evaluated at steps 6 and 12)."""
     from trainer.loop import train
     from trainer.synthetic import write_manifest
@@ -164,14 +164,14 @@ def trained(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
     m = write_manifest(d / "data", windows=64, val_windows=8, seq_len=32, vocab=512, n_concepts=128,
                        tokenizer=tok_info(tiny_tokenizer_dir))
     runs = {}
-    for mode in ("ntp", "cocomix"):
+    for mode in ("ntp", "kd", "cocomix"):
         train(TrainConfig(shards=str(m), out_dir=str(d / mode), mode=mode, preset="tiny", steps=12, micro_batch=4,
                           lr=3e-3, warmup_steps=2, eval_every=6, eval_windows=8, workers=0, progress=False))
         runs[mode] = d / mode
     return runs
 
 
-@pytest.mark.parametrize("mode", ["ntp", "cocomix"])
+@pytest.mark.parametrize("mode", ["ntp", "kd", "cocomix"])
 def test_trained_student_exports_with_its_card(trained, tmp_path, mode):
     run = trained[mode]
     export_main(["--ckpt", str(run / "ckpt"), "--out", str(tmp_path / "hf")])
@@ -189,8 +189,11 @@ def test_trained_student_exports_with_its_card(trained, tmp_path, mode):
     assert f"| tokens seen | {12 * 4 * 32} |" in card
     for r in vals:
         assert f"| {r['step']} | {r['val_loss']:.4f} |" in card
+    assert type(hf).__name__ == ("CocomixForCausalLM" if mode == "cocomix" else "GPT2LMHeadModel")
     if mode == "cocomix":
         assert "val_concept_loss" in card and "trust_remote_code=True" in card
+    if mode == "kd":
+        assert "val_kd_loss" in card
 
 
 def test_a_rerun_writes_the_same_bytes(trained, tmp_path):
