@@ -30,8 +30,10 @@ bench: install
 	$(PY) bench/store.py
 	$(PY) bench/stage1.py
 	$(PY) bench/sae_speed.py
-	$(PY) bench/extract.py
+	$(PY) bench/extract.py --json bench/results/extract.json
 	$(PY) bench/train.py
+	$(PY) bench/manifest.py --json bench/results/manifest.json
+	$(PY) bench/scale_model.py  # docs/scaling.md: the scaling model from the JSON files above
 
 clean:
 	rm -rf $(RUN) .pytest_cache

@@ -525,7 +525,9 @@ def render(res: dict, markdown: bool) -> str:
     ks = [str(k) for k in cfg["nodes"]]
     units = {label: unit for label, unit, _ in ROWS}
     h = "### " if markdown else ""
-    out = [f"Assumed (not measured): stage 1 on K CPU nodes of {cfg['cores_per_node']} cores; stage 2 and "
+    out = [f"Generated {datetime.date.today().isoformat()} by `python bench/scale_model.py` from the inputs listed "
+           "under 'Figures used'.", "",
+           f"Assumed (not measured): stage 1 on K CPU nodes of {cfg['cores_per_node']} cores; stage 2 and "
            f"training on K GPUs (one actor or rank each); shared storage {cfg['storage_gbps']:g} GB/s; linear "
            "scaling across nodes (no multi-node Ray or DDP overhead); training makes one pass over the corpus."]
     for name, c in res["corpora"].items():
@@ -582,6 +584,19 @@ SMOKE = {
 }
 
 
+BEGIN, END = "<!-- scale_model: begin -->", "<!-- scale_model: end -->"
+
+
+def update_doc(doc: Path, text: str) -> None:
+    """Replace what lies between the two markers of ``doc`` (docs/scaling.md) by ``text``; nothing else."""
+    old = doc.read_text(encoding="utf-8")
+    if old.count(BEGIN) != 1 or old.count(END) != 1 or old.index(BEGIN) > old.index(END):
+        raise ValueError(f"{doc} has no single '{BEGIN}' ... '{END}' region to replace: add the two lines "
+                         "where the tables go")
+    head, rest = old.split(BEGIN)
+    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+
+
 def _path(p: str) -> str:
     """A relative path as given when it exists from here, else from the checkout (the documented cwd)."""
     return p if Path(p).is_absolute() or Path(p).exists() else str(REPO / p)
@@ -593,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown (docs/scaling.md)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure and cell here")
     p.add_argument("--strict", action="store_true", help="exit 2 when an input is missing (after printing)")
+    p.add_argument("--update", type=Path, default=None, metavar="DOC",
+                   help=f"also put the Markdown tables between the '{BEGIN}' and '{END}' lines of DOC "
+                   "(docs/scaling.md)")
     p.add_argument("--smoke", action="store_true", help="built-in fixture inputs: checks the script runs")
     a = p.parse_args(argv)
     cfg = dataclass_from_args(ScaleConfig, a)
@@ -605,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.results = _path(cfg.results)
         res = compute(Inputs(cfg))
     print(render(res, a.markdown))
+    if a.update:
+        update_doc(a.update, render(res, markdown=True))
+        print(f"updated the tables in {a.update.resolve()}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -133,3 +133,14 @@ def test_cli_strict_and_bad_flags_are_one_line(tmp_path):
     r = run("--results", str(tmp_path))
     assert r.returncode == 2 and "stage1.json is not JSON" in r.stderr and "bench/stage1.py --json" in r.stderr
 
+
+
+def test_update_replaces_only_the_marked_region(tmp_path):
+    doc = tmp_path / "scaling.md"
+    doc.write_text(f"# Title\n\nprose\n{sm.BEGIN}\nold table\n{sm.END}\nmore prose\n")
+    sm.update_doc(doc, "new table")
+    assert doc.read_text() == f"# Title\n\nprose\n{sm.BEGIN}\nnew table\n{sm.END}\nmore prose\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no single .* region"):
+        sm.update_doc(doc, "x")
+    assert doc.read_text() == "no markers\n"
