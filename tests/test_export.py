@@ -76,9 +76,14 @@ def test_ntp_student_is_a_gpt2(tmp_path, tokenizer, bias):
         torch.testing.assert_close(hf(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
     from transformers import AutoTokenizer
 
+    from common.teacher import tokenizer_fingerprint
+
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer_fingerprint(tok) == tokenizer["fingerprint"]
     assert tok.encode("The cat sat", add_special_tokens=False) == \
         AutoTokenizer.from_pretrained(tokenizer["name"]).encode("The cat sat", add_special_tokens=False)
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["eos_token_id"] == tokenizer["eos_id"] and cfg["n_positions"] == 48
 
@@ -104,6 +109,12 @@ def test_cocomix_student_loads_with_remote_code(tmp_path, tokenizer, concept):
     export_main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
     hf = load_hf(tmp_path / "hf")
     assert type(hf).__name__ == "CocomixForCausalLM"
+    from transformers import AutoTokenizer
+
+    from common.teacher import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert tokenizer_fingerprint(tok) == tokenizer["fingerprint"]
     x = torch.randint(0, 512, (3, 48), generator=torch.Generator().manual_seed(1))
     steer = {7: 5.0, 20: -3.0}
     with torch.no_grad():

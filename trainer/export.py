@@ -99,6 +99,20 @@ def _place(tmp: Path, out: Path) -> None:
     fsync_path(out.parent)
 
 
+def _portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 saves ``tokenizer_class: TokenizersBackend``, a name transformers 4 cannot resolve,
+    and the load-time flags ``is_local`` / ``local_files_only``; ``PreTrainedTokenizerFast`` (the same
+    tokenizer.json-backed class in both) and no flags load everywhere."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for k in ("is_local", "local_files_only"):
+        cfg.pop(k, None)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_export(tmp: Path, step_dir: Path, cfg: dict[str, Any], model, tok, steer: dict[int, float]) -> dict:
     """Write every file of the export into ``tmp``; returns the marker's content."""
     from safetensors.torch import save_file
@@ -118,6 +132,7 @@ def write_export(tmp: Path, step_dir: Path, cfg: dict[str, Any], model, tok, ste
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps(hf_convert.generation_config(eos), indent=2) + "\n")
     tok.save_pretrained(str(tmp))
+    _portable_tokenizer_config(tmp / "tokenizer_config.json")
     card = hf_card.model_card(step_dir, cfg, arch, model.num_params(), steer)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     files = sorted(p.name for p in tmp.iterdir())

@@ -101,7 +101,7 @@ def model_card(step_dir: Path, cfg: dict[str, Any], architecture: str, params: i
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = AutoModelForCausalLM.from_pretrained(DIR{trust})",
-        "tok = AutoTokenizer.from_pretrained(DIR)",
+        f"tok = AutoTokenizer.from_pretrained(DIR{trust})  # transformers reads config.json first",
         "```",
         "",
         f"lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=DIR{trust.replace(' ', '')} "
