@@ -46,8 +46,19 @@ _ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_RE
 """Settings a client is built from: a client is cached per their values, so a changed variable counts."""
 
 
+_FORWARD = _ENV + ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+                   "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
 class StorageError(ValueError):
     """A URL that cannot be listed or read: one line naming the URL and what to do."""
+
+
+def client_env() -> dict[str, str]:
+    """The variables the S3 / GCS clients read that are set in this process: what a driver hands its
+    Ray workers (``runtime_env={"env_vars": ...}``) when they, not the driver, open the corpus, so a
+    worker reaches the same endpoint with the same credentials (docs/operations.md, "Object storage")."""
+    return {k: os.environ[k] for k in _FORWARD if k in os.environ}
 
 
 # -- names -----------------------------------------------------------------------------------------
@@ -313,8 +324,11 @@ def glob(url: str) -> list[str]:
     # whole prefix); otherwise everything under the base, filtered by the pattern.
     recursive = len(rest) > 1 or "**" in rest[0]
     rels = [p[len(base):].lstrip("/") for p, _ in _list(base_url, recursive=recursive)]
-    if not rels:
-        kind(base_url)  # a listing of a missing bucket is merely empty: say which bucket is missing
+    if not rels:  # a listing of a missing bucket is merely empty: say which bucket is missing
+        try:
+            kind(base_url)
+        except StorageError as e:
+            raise StorageError(str(e).replace(base_url, url, 1)) from e
     return [join(base_url, r) for r in sorted((r for r in rels if regex.match(r)), key=_sort_key)]
 
 
