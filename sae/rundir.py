@@ -1,6 +1,7 @@
 """What ``python -m sae.train --out DIR`` may do with DIR, decided before any heavy work.
 
-sae.train writes only the names in ``FILES`` and ``DIRS`` (and their temporaries). ``train_config.json``
+sae.train writes only the names in ``FILES`` and ``DIRS`` (and their temporaries), and with --tensorboard /
+--wandb the tracking names of common/tracking.py (``tb/``; W&B's ``wandb/``, never removed). ``train_config.json``
 is written first, so any directory sae.train has touched says which run it holds. Then:
 
 - DIR absent or empty: a new run.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.tracking import TB_DIR, TRACKING_FIELDS, WANDB_RUN, remove_event_files
 from sae.formats import CFG, SAELENS_WEIGHTS, load_sae
 
 TRAIN_CONFIG = "train_config.json"
@@ -33,11 +35,11 @@ METRICS = "metrics.jsonl"
 EVAL = "eval.json"  # sae.eval's default output beside the SAE
 CHECKPOINT = "checkpoint"
 STATE = "state.pt"
-FILES = (CFG, SAELENS_WEIGHTS, TRAIN_CONFIG, METRICS, SUMMARY, EVAL)
+FILES = (CFG, SAELENS_WEIGHTS, TRAIN_CONFIG, METRICS, SUMMARY, EVAL, WANDB_RUN)
 DIRS = (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
 CHECKPOINT_FILES = (CFG, SAELENS_WEIGHTS, STATE)
 # Settings that do not decide the result: never a reason to refuse a directory.
-NOT_IDENTITY = ("resume", "overwrite", "threads", "out")
+NOT_IDENTITY = ("resume", "overwrite", "threads", "out", *TRACKING_FIELDS)
 # Settings a --resume must not change: the checkpoint's SAE, buffer and window position depend on them.
 MUST_MATCH_ON_RESUME = ("teacher", "layer", "location", "corpus", "tokens", "split", "n_latents", "k", "normalize",
                         "seq_len", "teacher_batch", "batch_size", "buffer_tokens", "seed", "teacher_dtype")
@@ -45,7 +47,7 @@ MUST_MATCH_ON_RESUME = ("teacher", "layer", "location", "corpus", "tokens", "spl
 
 def written_by_us(name: str) -> bool:
     """Whether sae.train (or sae.eval's default output) writes this name directly in --out."""
-    if name in FILES or name in DIRS:
+    if name in FILES or name in DIRS or name == TB_DIR:
         return True
     # shards.atomic.write_atomic's temporaries (.NAME.tmp), and the NAME.tmp of earlier versions of save_sae
     return any(name in (f".{f}.tmp", f"{f}.tmp") for f in (*FILES, STATE))
@@ -107,6 +109,8 @@ def remove_ours(out: Path) -> list[str]:
             continue
         if name in DIRS:
             remove_tree_of_ours(out / name)
+        elif name == TB_DIR:  # the replaced run's curves; W&B's own wandb/ (maybe not synced yet) stays
+            remove_event_files(out / name)
         else:
             (out / name).unlink()
     return sorted(os.listdir(out))

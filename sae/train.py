@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import tracking
 from common.cli import Parser, add_dataclass_args, config_flags, dataclass_from_args, run_cli
 from common.device import check_device
 from sae.checks import check_window, check_window_source, teacher_shape
@@ -270,9 +271,13 @@ class Trainer:
             print(f"{self.out} holds this finished run; nothing to do (--overwrite trains it again)", file=sys.stderr)
             return self.plan.summary or {}
         self.setup()
+        # TensorBoard / W&B get the metrics.jsonl rows (common/tracking.py); a resumed run's later steps are purged
+        tracker = tracking.start(cfg, self.out, step=self.step, config=train_record(cfg),
+                                 run_name=self.out.resolve().name)
         bar = tqdm(total=cfg.max_tokens, initial=self.tokens, unit="tok", unit_scale=True, desc="sae.train")
         t0 = time.time() - self.elapsed
         metrics = self.last_metrics
+        ok = False
         try:  # the bar ends its line before any error message
             with open(self.out / METRICS, "a") as log:
                 while self.tokens + cfg.batch_size <= cfg.max_tokens:
@@ -283,13 +288,17 @@ class Trainer:
                     bar.set_postfix(fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.1f}",
                                     dead=f"{metrics['dead']:.3f}")
                     if self.step % cfg.log_every == 0:
-                        log.write(json.dumps(metrics | {"wall_s": round(time.time() - t0, 1)}) + "\n")
+                        row = metrics | {"wall_s": round(time.time() - t0, 1)}
+                        log.write(json.dumps(row) + "\n")
                         log.flush()
+                        tracker.log(row, self.step)
                     if self.step % cfg.checkpoint_every == 0:
                         self.elapsed = time.time() - t0
                         self.save_checkpoint()
+            ok = True
         finally:
             bar.close()
+            tracker.close(failed=not ok)
         self.elapsed = time.time() - t0
         self.save_checkpoint()
         save_sae(self.sae, self.out, model_name=cfg.teacher)
@@ -315,6 +324,7 @@ def prepare(cfg: TrainConfig, argv: list[str]) -> tuple[TrainConfig, torch.nn.Mo
     layer resolved to its non-negative index, the teacher if it had to be loaded to learn its shape
     (GGUF), and what to do with --out."""
     check_device(cfg.device)
+    cfg.check_packages()  # --tensorboard / --wandb: a missing package is one error line, before the teacher loads
     window = check_window_source(cfg.tokens, cfg.split, cfg.corpus, cfg.seq_len)
     # teacher: GGUF, loaded to learn its shape
     shape, teacher = teacher_shape(cfg.teacher, cfg.device, cfg.teacher_dtype)

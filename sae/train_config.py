@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from common.tracking import TrackingOptions
 from sae.hooks import LOCATIONS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrackingOptions):
+    """The SAE run (tracking flags --tensorboard, --wandb ...: common/tracking.py's TrackingOptions)."""
+
     teacher: str = ""
     """Teacher: HF hub id, model directory, .gguf file or alias (smollm2-135m)."""
     layer: int | None = None
@@ -75,6 +78,7 @@ class TrainConfig:
     """torch CPU threads (default: torch's)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         errors = []
         if not self.teacher:
             errors.append("--teacher is required")

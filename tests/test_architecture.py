@@ -61,7 +61,7 @@ TRAINER_ALLOWED_NAMES: dict[str, set[str]] = {
     "transformers": {"AutoTokenizer", "PreTrainedTokenizerFast"},
     "tokenizers": {"Tokenizer", "models", "pre_tokenizers", "decoders", "trainers"},
 }
-TRAINER_LIGHT_COMMON = ("common.cli", "common.device")
+TRAINER_LIGHT_COMMON = ("common.cli", "common.device", "common.tracking")
 """What every trainer module may use of common/."""
 TRAINER_NEVER = ("ray", "sae", "pipeline", "recipes", "bench", "sae_lens", "sparsify", "accelerate", "gguf")
 # trainer/hf_remote/ is the CoCoMix student written for transformers: a resource that `python -m

@@ -142,7 +142,7 @@ def test_cli_flags_are_frozen_and_documented():
         "--labels", "--lambda-concept", "--lambda-kd", "--log-every", "--lr", "--max-tokens", "--micro-batch",
         "--min-lr-ratio", "--mix", "--mode", "--no-compile", "--no-concept-loss", "--no-progress", "--no-tensorboard",
         "--out-dir", "--preset", "--progress", "--resume", "--seed", "--shards", "--steps", "--tensorboard", "--verify",
-        "--warmup-steps", "--weight-decay", "--workers",
+        "--wandb", "--wandb-entity", "--wandb-mode", "--wandb-name", "--warmup-steps", "--weight-decay", "--workers",
     ]
     assert all(a.help for a in p._actions), "every flag has a help text (the config field's docstring)"
     assert "cosine decays to this fraction of the peak (paper 10%)" in " ".join(p.format_help().lower().split())

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from common.tracking import TRACKING_FIELDS, TrackingOptions
+
 Mode = Literal["ntp", "cocomix", "kd"]
 Mix = Literal["interleave", "add", "none"]
 Labels = Literal["attribution", "activation"]
@@ -151,8 +153,9 @@ def get_preset(name: str, mode: Mode) -> ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One training run of the student from a shard manifest."""
+class TrainConfig(TrackingOptions):
+    """One training run of the student from a shard manifest (with the tracking flags of
+    :class:`common.tracking.TrackingOptions`: --tensorboard, --wandb, ...)."""
 
     shards: str = ""
     """Path of the manifest JSON written by the extraction pipeline (or stage 1 for ntp)."""
@@ -226,8 +229,6 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto."""
     compile: bool = False
     """Wrap the model in torch.compile."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to OUT_DIR/tb (needs the tensorboard package)."""
     halt_after: int = 0
     """Stop after this many steps of this process without finishing the schedule (tests and preemption
     drills); 0 = off."""
@@ -235,6 +236,7 @@ class TrainConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in ("ntp", "cocomix", "kd"):
             raise ValueError(f"--mode must be ntp, cocomix or kd, got {self.mode!r}")
         if self.labels not in ("attribution", "activation"):
@@ -278,7 +280,7 @@ DERIVED_KEYS = ("preset", "mix", "concept_topk", "insert_layer", "concept_loss",
 # Free to differ when a run continues: how it is run, observed and saved, not what it computes.
 # device / compile change float rounding only (bit-exact resume holds on the same device).
 FREE_KEYS = ("out_dir", "resume", "workers", "progress", "log_every", "eval_every", "ckpt_every",
-             "tensorboard", "halt_after", "verify", "device", "compile")
+             "halt_after", "verify", "device", "compile", *TRACKING_FIELDS)
 
 __all__ = [
     "ConceptConfig", "ModelConfig", "TrainConfig", "PRESETS", "get_preset", "RESUME_KEYS", "DERIVED_KEYS",

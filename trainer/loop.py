@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common import tracking
 from shards import load_manifest, open_split
 from shards.dataset import verify_parts
 from trainer import checkpoint, rundir
@@ -34,7 +35,6 @@ from trainer.process import (
     allreduce_mean,
     distributed,
     process_device,
-    tensorboard_writer,
 )
 from trainer.validate import (
     build_model_config,
@@ -67,6 +67,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / rundir.CKPT
         rundir.check_path(self.out)
+        cfg.check_packages()  # --tensorboard / --wandb: a missing package is one error line, before any work
         self.device = process_device(cfg.device, local_rank)
         self.manifest = load_manifest(cfg.shards)
         self.model_cfg = build_model_config(cfg, self.manifest)
@@ -285,13 +286,16 @@ class Trainer:
             raise ValueError(f"could not write {str(self.out / rundir.METRICS)!r}: {e.strerror or e}; "
                              f"{self._continue_hint()}") from e
 
+    def _resolved(self) -> dict[str, Any]:
+        """The run record with what the run resolved (OUT/config.json; the W&B run's config)."""
+        return {**self.record, "warmup_steps": self.warmup, "params": self.model.num_params(),
+                "flops_per_token": self.flops_per_token}
+
     def _start_files(self) -> None:
         """Rank 0, before step 1: the run record, and metrics.jsonl cut back to the resumed step."""
         self.out.mkdir(parents=True, exist_ok=True)
-        resolved = {**self.record, "warmup_steps": self.warmup, "params": self.model.num_params(),
-                    "flops_per_token": self.flops_per_token}
         try:
-            rundir.write_json(self.out / rundir.RECORD, resolved)
+            rundir.write_json(self.out / rundir.RECORD, self._resolved())
             rundir.truncate_metrics(self.out / rundir.METRICS, self.step)
         except OSError as e:
             raise ValueError(f"could not write in --out-dir {str(self.out)!r}: {e}") from e
@@ -315,7 +319,8 @@ class Trainer:
         if is_main:
             self._start_files()
         metrics_f = None
-        tb = None
+        tracker = tracking.Tracker()
+        ok = False
         stop_request = StopOnSigint() if self.world == 1 else contextlib.nullcontext(None)
         source = StepBatches(
             self.train_ds, self.sampler, self.fields, self.dtypes, self.rank, self.world,
@@ -336,7 +341,9 @@ class Trainer:
                         metrics_f = open(self.out / rundir.METRICS, "a")
                     except OSError as e:
                         raise ValueError(f"could not open {str(self.out / rundir.METRICS)!r}: {e.strerror or e}") from e
-                    tb = tensorboard_writer(self.out / "tb") if cfg.tensorboard else None
+                # TensorBoard / W&B get the metrics.jsonl rows (rank 0 only; common/tracking.py)
+                tracker = tracking.start(cfg, self.out, step=self.step, config=self._resolved(),
+                                         run_name=self.out.resolve().name, rank=self.rank)
                 if is_main and cfg.progress:
                     from tqdm.auto import tqdm
 
@@ -365,10 +372,7 @@ class Trainer:
                         evals.append({"step": self.step, **ev})
                     if is_main and (self.step % cfg.log_every == 0 or "val_loss" in last or is_last):
                         self._write_metrics(metrics_f, last)
-                        if tb is not None:
-                            for k, v in last.items():
-                                if k != "step":
-                                    tb.add_scalar(k, v, self.step)
+                        tracker.log(last, self.step)
                     saved = False
                     if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or is_last:
                         self.save()
@@ -378,6 +382,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                     if sigint is not None and sigint.requested and not is_last:
                         raise self._interrupted(saved or self._save_on_stop())
+            ok = True
         except Interrupted:
             raise
         except KeyboardInterrupt:  # before the handler was in place, or a second Ctrl-C: no new save
@@ -388,8 +393,7 @@ class Trainer:
             if metrics_f is not None:
                 with contextlib.suppress(OSError):
                     metrics_f.close()
-            if tb is not None:
-                tb.close()
+            tracker.close(failed=not ok)
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:
                     ds.close()

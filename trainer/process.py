@@ -1,6 +1,6 @@
 """The process around the training loop (trainer/loop.py): torchrun ranks and the process group, this
-rank's device, averaging across ranks, Ctrl-C handling and the optional TensorBoard writer; nothing
-here knows about the model or the data (docs/operations.md: interruptions and DDP)."""
+rank's device, averaging across ranks and Ctrl-C handling (experiment tracking: common/tracking.py);
+nothing here knows about the model or the data (docs/operations.md: interruptions and DDP)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,11 +74,3 @@ class StopOnSigint:
     def __exit__(self, *exc) -> None:
         if self._prev is not None:
             signal.signal(signal.SIGINT, self._prev)
-
-
-def tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(path))

@@ -3,7 +3,8 @@
     OUT/config.json     the run record: resolved config + data identity, written before step 1
     OUT/metrics.jsonl   one JSON line per logged step (each step once, also after a resume)
     OUT/ckpt/           checkpoints (:mod:`trainer.checkpoint`: step-N directories + ``latest``)
-    OUT/tb/             TensorBoard events (``--tensorboard``)
+    OUT/tb/             TensorBoard events (``--tensorboard``; common/tracking.py)
+    OUT/wandb_run.json  the W&B run id a rerun continues (``--wandb``); OUT/wandb/ W&B's local files
 
 A directory holding another run is never written to: :func:`inspect` returns the run recorded there
 and :mod:`trainer.loop` compares it with this one (:func:`trainer.validate.differences`).
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.tracking import NAMES as TRACKING_NAMES
 from shards.atomic import write_atomic
 from trainer import checkpoint
 
 RECORD = "config.json"
 METRICS = "metrics.jsonl"
 CKPT = "ckpt"
-OURS = (RECORD, METRICS, CKPT, "tb")  # every name a run writes in its out-dir
+OURS = (RECORD, METRICS, CKPT, *TRACKING_NAMES)  # every name a run writes in its out-dir
 
 
 def check_path(out: Path) -> None:
