@@ -11,6 +11,15 @@ Text files are read in slices of at most ``max_piece_chars`` bytes, so even a si
 sits in memory whole; a stretch of ``2 * max_piece_chars`` without a safe point (e.g. base64) is cut
 anyway at a character boundary and counted (``forced_cuts``). Nothing is dropped silently: every skip
 is counted in :class:`CorpusStats`, which ends up in the manifest.
+
+Every reader also reads a *range* of its source (common/partition.py plans them): a byte range of a
+text or JSONL file, a run of Parquet row groups. A range owns the documents that *start* inside it:
+it begins at the first document boundary at or after its start offset and ends at the first boundary
+at or after its end offset, so consecutive ranges cover every document exactly once and a document
+longer than a range belongs to the range where it starts. Document ids therefore never need the part
+of the file before them: ``<source>@<byte offset of the document>`` for text and JSONL,
+``<source>:<row>`` for Parquet (the row group's first row comes from the file's metadata) and HF
+datasets.
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ class CorpusConfig:
 @dataclass
 class Piece:
     doc_id: str
-    """Stable id: ``<source>:<index of the document in that source>``."""
+    """Stable id: ``<source>@<byte offset>`` (text, JSONL) or ``<source>:<row>`` (Parquet, HF)."""
     text: str
     last: bool
     """True on the document's final piece (the EOS goes after it)."""
@@ -183,7 +192,7 @@ def check_sources(cfg: CorpusConfig) -> None:
         for loc, binary in zip(texts, _each(_looks_binary, texts), strict=True):
             if binary:
                 raise ValueError(f"corpus file {loc!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
-        if files and len(files) == len(sources) and all(storage.size(f) == 0 for f in files):
+        if files and len(files) == len(sources) and all(source_size(f) == 0 for f in files):
             raise ValueError(f"corpus {' '.join(cfg.paths)} is empty (0 bytes): pass files that hold documents")
     except OSError as e:
         raise ValueError(f"corpus file {e.filename!r} cannot be read: {e.strerror or e}") from e
@@ -234,19 +243,71 @@ class _Emitter:
     def __init__(self, cfg: CorpusConfig, stats: CorpusStats):
         self.cfg, self.stats = cfg, stats
 
-    def whole(self, source: str, index: int, text: str | None, replaced: bool = False) -> Iterator[Piece]:
+    def whole(self, doc_id: str, text: str | None, replaced: bool = False) -> Iterator[Piece]:
         if text is None or not text.strip():
             self.stats.skipped_empty += 1
             return
         self.stats.documents += 1
         self.stats.utf8_replaced += replaced
-        doc_id = f"{source}:{index}"
         for t, last in _with_last(_split_long(text, self.cfg.max_piece_chars, self.stats)):
             yield Piece(doc_id, t, last)
 
 
+def open_binary(location: str):
+    """A corpus file opened for binary reading (seekable): the one place the readers open files. A URL
+    streams in ranged reads as the reader advances (common/storage.py)."""
+    return storage.open_binary(location)
+
+
+def source_size(location: str) -> int:
+    """Bytes of a corpus file (planning byte ranges: common/partition.py)."""
+    return storage.size(location)
+
+
 def _looks_binary(path: str) -> bool:
     return b"\0" in storage.read_range(path, 0, _SNIFF_BYTES)  # one small request for a URL
+
+
+def _is_delimiter_line(seg: bytes, delim: bytes) -> bool:
+    """A whole line holding exactly the delimiter, with its LF or CRLF (or none at the end of the file)."""
+    return seg in (delim, delim + b"\n", delim + b"\r\n", delim + b"\r")
+
+
+def _text_boundary(f, offset: int, size: int, delim: bytes, limit: int) -> int:
+    """The first document start at or after ``offset`` in a text file: 0, or just after a delimiter
+    line (the end of the file when there is none).
+
+    A delimiter line is at most ``len(delim) + 2`` bytes long, so one that ends at or after ``offset``
+    starts at or after ``offset - len(delim) - 3``: the scan starts there, at the next line start.
+    Lines are read in slices of ``limit`` bytes exactly like the reader does, so both agree on which
+    lines are whole."""
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    pos = max(0, offset - len(delim) - 3)
+    at_line_start = True
+    if pos > 0:
+        f.seek(pos - 1)
+        at_line_start = f.read(1) == b"\n"
+    f.seek(pos)
+    while seg := f.readline(limit):
+        whole_line = at_line_start and (seg.endswith(b"\n") or len(seg) < limit)
+        at_line_start = seg.endswith(b"\n")
+        pos += len(seg)
+        if whole_line and pos >= offset and _is_delimiter_line(seg, delim):
+            return pos
+    return size
+
+
+def _line_boundary(f, offset: int, size: int) -> int:
+    """The first line start at or after ``offset`` (a JSONL record boundary)."""
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    f.seek(offset - 1)
+    return offset - 1 + len(f.readline())
 
 
 def _forced_cut(buf: bytearray, pos: int) -> int:
@@ -257,14 +318,16 @@ def _forced_cut(buf: bytearray, pos: int) -> int:
     return pos  # not UTF-8 there anyway: decoded with replacement characters either way
 
 
-def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
-    """Documents of a text file, read in slices of at most ``max_piece_chars`` bytes (a 50 MB line
-    included), so memory stays bounded by the piece size, not the document size."""
-    if _looks_binary(path):
+def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: int = 0,
+               end: int | None = None) -> Iterator[Piece]:
+    """Documents of a text file that start in bytes [start, end) (module docstring), read in slices
+    of at most ``max_piece_chars`` bytes (a 50 MB line included), so memory stays bounded by the piece
+    size, not the document size. With ``--doc-per-file`` the file is one document: one range."""
+    if start == 0 and _looks_binary(path):
         raise ValueError(f"corpus file {path!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
     limit = cfg.max_piece_chars
     delim = cfg.delimiter.encode()
-    index = 0
+    doc_start = 0  # byte offset of the current document: its id
     buf = bytearray()  # the current document's bytes not yet yielded
     scanned = 0  # cut points before this offset of ``buf`` were already searched
     emitted = False  # pieces of the current document already yielded
@@ -275,10 +338,10 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Itera
         if not emitted:
             em.stats.documents += 1
         emitted = True
-        return Piece(f"{source}:{index}", _decode(data, replaced), False)
+        return Piece(f"{source}@{doc_start}", _decode(data, replaced), False)
 
     def end_document() -> Iterator[Piece]:
-        nonlocal buf, scanned, emitted, index, replaced
+        nonlocal buf, scanned, emitted, replaced
         data = bytes(buf)
         buf, scanned = bytearray(), 0
         # The newline before a delimiter line (or at the end of the file) is format, not text.
@@ -286,20 +349,30 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Itera
         text = _decode(data, replaced)
         if emitted:
             em.stats.utf8_replaced += replaced[0]
-            yield Piece(f"{source}:{index}", text, True)
+            yield Piece(f"{source}@{doc_start}", text, True)
         else:
-            yield from em.whole(source, index, text, replaced[0])
-        index += 1
+            yield from em.whole(f"{source}@{doc_start}", text, replaced[0])
         emitted, replaced = False, [False]
 
-    with storage.open_binary(path) as f:
+    with open_binary(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        if cfg.doc_per_file:
+            pos, stop = (0, size) if start == 0 else (size, size)
+        else:
+            pos = _text_boundary(f, start, size, delim, limit)
+            stop = size if end is None else _text_boundary(f, end, size, delim, limit)
+        f.seek(pos)
+        doc_start = pos
         at_line_start = True
-        while seg := f.readline(limit):
+        # Lines never straddle ``stop``: it is 0, the end of the file or just after a delimiter line.
+        while pos < stop and (seg := f.readline(limit)):
             em.stats.bytes += len(seg)
+            pos += len(seg)
             whole_line = at_line_start and (seg.endswith(b"\n") or len(seg) < limit)
             at_line_start = seg.endswith(b"\n")
-            if whole_line and not cfg.doc_per_file and seg.rstrip(b"\r\n") == delim:
+            if whole_line and not cfg.doc_per_file and _is_delimiter_line(seg, delim):
                 yield from end_document()
+                doc_start = pos
                 continue
             buf += seg
             while len(buf) > limit:
@@ -321,10 +394,17 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Itera
             yield from end_document()
 
 
-def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
-    with storage.open_binary(path) as f:
-        index = 0
-        for lineno, line in enumerate(f, 1):
+def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: int = 0,
+                end: int | None = None) -> Iterator[Piece]:
+    """Records (lines) of a JSONL file that start in bytes [start, end) (module docstring)."""
+    with open_binary(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        pos = _line_boundary(f, start, size)
+        stop = size if end is None else _line_boundary(f, end, size)
+        f.seek(pos)
+        lineno = 0  # known only when reading from the start of the file
+        while pos < stop and (line := f.readline()):
+            at, pos, lineno = pos, pos + len(line), lineno + 1
             em.stats.bytes += len(line)
             if not line.strip():
                 continue
@@ -342,33 +422,44 @@ def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iter
                 problem = f"is not valid JSON ({e.msg})"
             if problem:
                 if not cfg.skip_bad_records:
+                    where = f"{path}:{lineno}" if start == 0 else f"{path} (the line at byte {at})"
                     raise ValueError(
-                        f"{path}:{lineno}: line {problem}; fix it or pass --skip-bad-records to skip and count"
+                        f"{where}: line {problem}; fix it or pass --skip-bad-records to skip and count"
                     )
                 em.stats.skipped_bad_records += 1
                 continue
-            yield from em.whole(source, index, rec[cfg.text_field], replaced[0])
-            index += 1
+            yield from em.whole(f"{source}@{at}", rec[cfg.text_field], replaced[0])
 
 
-def _read_parquet(path: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
+def open_parquet(path: str):
+    """A ``pyarrow.parquet.ParquetFile``; an unreadable file is one error naming it."""
     import pyarrow.parquet as pq
 
     try:
         # A URL: pyarrow's own random-access file, so the footer and each column chunk are ranged reads.
-        pf = pq.ParquetFile(storage.open_random_access(path))
+        return pq.ParquetFile(open_binary(path) if not storage.is_url(path) else storage.open_random_access(path))
     except storage.StorageError:
         raise
     except Exception as e:
         raise ValueError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
-    if cfg.text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {cfg.text_field!r} (columns: {pf.schema_arrow.names}); set --text-field")
-    index = 0
-    for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            em.stats.bytes += len(text.encode()) if text else 0
-            yield from em.whole(source, index, text)
-            index += 1
+
+
+def _read_parquet(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: int = 0,
+                  end: int | None = None) -> Iterator[Piece]:
+    """Rows of row groups [start, end) of a Parquet file; ids count rows from the file's first."""
+    with open_parquet(path) as pf:
+        if cfg.text_field not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: no column {cfg.text_field!r} (columns: {pf.schema_arrow.names}); "
+                             "set --text-field")
+        groups = list(range(start, pf.num_row_groups if end is None else min(end, pf.num_row_groups)))
+        if not groups:
+            return
+        row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
+        for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=1024, row_groups=groups):
+            for text in batch.column(0).to_pylist():
+                em.stats.bytes += len(text.encode()) if text else 0
+                yield from em.whole(f"{source}:{row}", text)
+                row += 1
 
 
 def _read_hf(kind: str, location: str, source: str, cfg: CorpusConfig, em: _Emitter) -> Iterator[Piece]:
@@ -391,23 +482,32 @@ def _read_hf(kind: str, location: str, source: str, cfg: CorpusConfig, em: _Emit
     for index, row in enumerate(ds):
         text = row[cfg.text_field]
         em.stats.bytes += len(text.encode()) if text else 0
-        yield from em.whole(source, index, text)
+        yield from em.whole(f"{source}:{index}", text)
 
 
 def iter_pieces(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[Piece]:
     """Every document of the corpus, in order, as pieces; counts go to ``stats``."""
     stats = stats if stats is not None else CorpusStats()
-    em = _Emitter(cfg, stats)
     for kind, location, source in expand_sources(cfg.paths):
         stats.files.append(source)
-        if kind == "text":
-            yield from _read_text(location, source, cfg, em)
-        elif kind == "jsonl":
-            yield from _read_jsonl(location, source, cfg, em)
-        elif kind == "parquet":
-            yield from _read_parquet(location, source, cfg, em)
-        else:
-            yield from _read_hf(kind, location, source, cfg, em)
+        yield from read_range(kind, location, source, cfg, stats)
+
+
+def read_range(kind: str, location: str, source: str, cfg: CorpusConfig, stats: CorpusStats, start: int = 0,
+               end: int | None = None) -> Iterator[Piece]:
+    """The documents of one source (an ``expand_sources`` entry) that start in [start, end): bytes of
+    a text or JSONL file, row groups of a Parquet file; HF datasets are read whole (start 0, end None)."""
+    em = _Emitter(cfg, stats)
+    if kind == "text":
+        yield from _read_text(location, source, cfg, em, start, end)
+    elif kind == "jsonl":
+        yield from _read_jsonl(location, source, cfg, em, start, end)
+    elif kind == "parquet":
+        yield from _read_parquet(location, source, cfg, em, start, end)
+    else:
+        if (start, end) != (0, None):
+            raise ValueError(f"{source}: a HF dataset is read whole, not by ranges")
+        yield from _read_hf(kind, location, source, cfg, em)
 
 
 def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:

@@ -39,10 +39,14 @@ class TokenizeConfig(StoreOptions):
     """Salt of the split hash."""
     shard_mb: float = 64.0
     """Target shard size in MB."""
+    task_mb: float = 64.0
+    """Input per task in MB (bytes of text / JSONL, Parquet row groups grouped up to it): the unit of
+    parallel work and of resume (common/partition.py). Each task packs its own train windows, so this
+    decides the bytes and is recorded in the settings."""
     num_workers: int = 0
-    """Tokenizer actors (0 = one per CPU of the Ray cluster)."""
+    """Tasks run at once (0 = one per CPU of the Ray cluster)."""
     batch_chars: int = 1 << 18
-    """Characters of text per actor call."""
+    """Characters of text per tokenizer call."""
     eos_token: str | None = None
     """Token appended after every document (default: <|endoftext|> if in the vocabulary, else EOS)."""
     text_field: str = "text"
@@ -73,6 +77,8 @@ class TokenizeConfig(StoreOptions):
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_mb <= 0:
             raise ValueError("--shard-mb must be positive")
+        if not self.task_mb * 1e6 >= 1:
+            raise ValueError(f"--task-mb must be positive, got {self.task_mb}")
         if self.num_workers < 0:
             raise ValueError("--num-workers must be >= 0")
         if self.batch_chars < 1:
@@ -80,6 +86,11 @@ class TokenizeConfig(StoreOptions):
         if not self.out:
             raise ValueError("--out is empty: pass the output directory")
         self.corpus_config()  # validates --delimiter and friends
+
+    @property
+    def task_bytes(self) -> int:
+        """``--task-mb`` in bytes: the partition's unit (common/partition.py)."""
+        return max(1, int(self.task_mb * 1e6))
 
     def corpus_config(self, paths: list[str] | None = None) -> CorpusConfig:
         return CorpusConfig(
@@ -92,8 +103,14 @@ class TokenizeConfig(StoreOptions):
         )
 
 
+SPLIT_RULE = "sha256(seed:id) < fraction; id = source@byte (text, JSONL), source:row (Parquet, HF)"
+"""The train / val routing rule, recorded in the settings: ids were ``source:index`` before stage 1
+ran as tasks (issue 14), so a rerun into an older output names the difference."""
+
+
 def in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
-    """Deterministic split by document id: adding documents never moves old ones."""
+    """Deterministic split by document id (common/corpus.py: ``source@byte`` or ``source:row``):
+    adding documents never moves old ones."""
     h = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") < val_fraction * 2**64
 
@@ -109,7 +126,7 @@ def settings_record(cfg: TokenizeConfig, tok_info: dict, windows_per_shard: int)
     d = asdict(cfg)
     for k in _NOT_SETTINGS:
         d.pop(k)
-    d.update(tokenizer=tok_info, windows_per_shard=windows_per_shard)
+    d.update(tokenizer=tok_info, windows_per_shard=windows_per_shard, split_rule=SPLIT_RULE)
     return json.loads(json.dumps(d))
 
 

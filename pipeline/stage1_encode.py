@@ -1,24 +1,18 @@
-"""Stage 1's tokenization: text -> token ids, in the driver or in Ray actors, in batches of about
-``--batch-chars`` characters.
+"""Stage 1's tokenization: text -> token ids, in batches of about ``--batch-chars`` characters.
 
-The tokenizer is built once in the driver and shipped to each actor as its JSON (rebuilt in
-milliseconds) rather than re-parsed from a GGUF file; results come back in order
-(pipeline/raylib.py: ordered_map), which is what keeps the shards byte-identical for any number of
-workers (docs/architecture.md).
+The tokenizer is loaded once in the driver and shipped to the workers as its JSON (rebuilt in
+milliseconds, once per worker process: pipeline/stage1_task.py) rather than re-parsed from a GGUF file.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
 
 import numpy as np
 
-from common.corpus import Piece
-
 
 def encoder_payload(tokenizer) -> tuple[str, object]:
-    """What an actor needs to encode exactly like ``tokenizer(text, add_special_tokens=False)``."""
+    """What a worker needs to encode exactly like ``tokenizer(text, add_special_tokens=False)``."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return ("json", backend.to_str())  # rebuilding from JSON takes ms, a GGUF parse takes seconds
@@ -70,33 +64,3 @@ def _release_freed_memory() -> None:
 
 
 _libc: ctypes.CDLL | bool | None = None
-
-
-def actor_class():
-    import ray
-
-    @ray.remote
-    class TokenizerActor:
-        def __init__(self, payload):
-            self.encoder = Encoder(payload)
-
-        def encode(self, texts: list[str]) -> list[np.ndarray]:
-            return self.encoder.encode(texts)
-
-    return TokenizerActor
-
-
-def make_batches(
-    pieces: Iterator[tuple[str | None, Piece]], batch_chars: int
-) -> Iterator[list[tuple[str | None, Piece]]]:
-    """Group (split, piece) pairs into batches of about ``batch_chars`` characters."""
-    batch: list[tuple[str | None, Piece]] = []
-    size = 0
-    for sp in pieces:
-        batch.append(sp)
-        size += len(sp[1].text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch

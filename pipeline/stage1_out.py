@@ -3,9 +3,12 @@
 ``--out`` belongs to stage 1 (docs/operations.md): it refuses an ``--out`` that holds anything it did
 not write (nothing of the user's is ever deleted or mixed with our files) and a different dataset of
 its own unless ``--overwrite``, which removes only what stage 1 wrote (shards, manifest.json, the
-settings file of an unfinished run, temporaries). ``--manifest`` replaces only a manifest of this
-same dataset (or, with ``--overwrite``, another cocomix manifest), never another file. The checks
-shared with stage 2 (writable places, removal, the command a refusal prints) are pipeline/outputs.py.
+settings file of an unfinished run, its task records and val streams, temporaries). ``--manifest``
+replaces only a manifest of this same dataset (or, with ``--overwrite``, another cocomix manifest),
+never another file. An unfinished run of the same settings is resumed: the shards and val streams its
+task records list are kept (pipeline/stage1_task.py verifies them), everything else of ours is
+removed. The checks shared with stage 2 (writable places, removal, the command a refusal prints)
+are pipeline/outputs.py.
 """
 
 from __future__ import annotations
@@ -26,19 +29,29 @@ from pipeline.outputs import (
     why,
 )
 from pipeline.stage1_config import TokenizeConfig, command_line
+from pipeline.stage1_task import TASKS_DIR
 from shards import Manifest, verify_part
 from shards.atomic import atomic_path
 from shards.manifest import ExistingFile, inspect_path
+from shards.records import read_records
 from shards.runlog import RUN_LOG
 
 log = logging.getLogger("pipeline.stage1")  # one logger name for all of stage 1's modules
 SETTINGS_FILE = ".stage1-settings.json"  # the settings of an unfinished run (removed once manifest.json is in)
-# The only names stage 1 writes in --out: shards, manifest.json, SETTINGS_FILE, RUN_LOG and the
-# temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
-_SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.(arrow|zarr)$")
+# The only names stage 1 writes in --out: shards (train-<task>-<k> since stage 1 runs as tasks,
+# train-<k> before; val-<k>), manifest.json, SETTINGS_FILE, RUN_LOG, TASKS_DIR and the temporaries of
+# shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
+_SHARD_NAME = re.compile(r"^(train|val)-(\d{6}-)?\d{5}\.(arrow|zarr)$")
 _TEMPORARY = re.compile(
-    r"^\.((train|val)-\d{5}\.(arrow|zarr)|manifest\.json|\.stage1-settings\.json)\.tmp-[0-9a-f]{8}$"
+    r"^\.((train|val)-(\d{6}-)?\d{5}\.(arrow|zarr)|manifest\.json|\.stage1-settings\.json)\.tmp-[0-9a-f]{8}$"
 )
+# In TASKS_DIR: records (shards.records: ".NAME.tmp" while written), val streams and their temporaries.
+_TASK_FILE = re.compile(r"^(t\d{6}\.(json|val)|\.t\d{6}\.json\.tmp|\.t\d{6}\.val\.tmp-[0-9a-f]{8})$")
+
+
+def _is_tasks_dir(e: Path) -> bool:
+    """TASKS_DIR holding only the names stage 1 writes there (a user's file inside makes it foreign)."""
+    return e.is_dir() and not e.is_symlink() and all(_TASK_FILE.match(f.name) and f.is_file() for f in e.iterdir())
 
 
 @dataclass
@@ -80,7 +93,8 @@ def survey_out(out: Path, manifest_copy: Path | None = None) -> OutDir:
         n = e.name
         if (n == "manifest.json" and d.manifest is not None) or (n == SETTINGS_FILE and d.settings is not None) \
                 or _TEMPORARY.match(n) or (marked and _SHARD_NAME.match(n) and e.is_dir() == n.endswith(".zarr")
-                                           and is_cocomix_shard(e)):
+                                           and is_cocomix_shard(e)) or (marked and n == TASKS_DIR
+                                                                        and _is_tasks_dir(e)):
             d.ours.append(e)
         elif (n == RUN_LOG and is_run_log(e, "pipeline.stage1")) or (
             manifest_copy is not None and e.absolute() == manifest_copy
@@ -172,9 +186,12 @@ def prepare_out(d: OutDir, cfg: TokenizeConfig, settings: dict) -> Manifest | No
     complete = m is not None and m.kind == "tokens" and m.settings == settings and d.settings in (None, settings)
     if complete and not cfg.overwrite and _verified(m):
         for e in d.ours:
-            if _TEMPORARY.match(e.name):
+            if _TEMPORARY.match(e.name) or e.name == TASKS_DIR:  # a kill came after the manifest was saved
                 remove_entry(e)
         return m
+    if d.settings == settings and not cfg.overwrite:
+        _keep_for_resume(d)
+        return None
     # With a settings file the directory holds an unfinished run (its manifest.json, if any, is the
     # one an interrupted --overwrite was replacing): stage 1 never resumes one, so it is redone, or
     # replaced by these settings, without a flag. A finished dataset of other settings needs --overwrite.
@@ -205,6 +222,47 @@ def prepare_out(d: OutDir, cfg: TokenizeConfig, settings: dict) -> Manifest | No
         raise ValueError(f"--out {cfg.out!r}: cannot prepare the output directory: "
                          f"{why(e)} ({e.filename or out})") from e
     return None
+
+
+def _keep_for_resume(d: OutDir) -> None:
+    """An unfinished run of these settings: keep what its task records list (the tasks verify it before
+    trusting it), remove every other entry of ours (temporaries, shards of unfinished tasks, a
+    manifest.json an interrupted --overwrite was replacing)."""
+    tasks = d.path / TASKS_DIR
+    records = read_records(tasks)
+    keep = {SETTINGS_FILE, TASKS_DIR}
+    keep.update(sh.get("name") for r in records.values() for sh in r.get("shards", []) if isinstance(sh, dict))
+    kept_files = set(f"{k}.json" for k in records)
+    kept_files.update(r["val"]["file"] for r in records.values() if isinstance(r.get("val"), dict))
+    try:
+        for e in d.ours:
+            if e.name not in keep:
+                remove_entry(e)
+        if tasks.is_dir():
+            for f in tasks.iterdir():
+                if f.name not in kept_files:
+                    remove_entry(f)
+    except OSError as e:
+        raise ValueError(f"--out {str(d.path)!r}: cannot prepare the output directory: {why(e)} "
+                         f"({e.filename or d.path})") from e
+    if records:
+        log.info("%s holds an unfinished run of these settings: resuming (%d task(s) recorded)", d.path,
+                 len(records))
+
+
+def remove_tasks_dir(out: Path) -> None:
+    """Remove TASKS_DIR (records, val streams, their temporaries) once the manifest holds what they said;
+    anything else in it (not ours) stays, with the folder."""
+    tasks = out / TASKS_DIR
+    if not tasks.is_dir():
+        return
+    for f in tasks.iterdir():
+        if _TASK_FILE.match(f.name) and f.is_file():
+            f.unlink()
+    try:
+        tasks.rmdir()
+    except OSError:
+        pass
 
 
 def save_manifest(m: Manifest, path: Path, flag: str) -> None:

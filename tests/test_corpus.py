@@ -21,7 +21,11 @@ def test_text_file_with_delimiters(tmp_path):
     write_corpus(tmp_path / "a.txt", docs)
     got, stats = read([tmp_path / "a.txt"])
     assert [t for _, t in got] == docs
-    assert [i for i, _ in got] == [f"a.txt:{k}" for k in range(5)]
+    # Ids are byte offsets (common/corpus.py): a range reader knows them without the file before it.
+    starts = [0]
+    for d in docs[:-1]:
+        starts.append(starts[-1] + len((d + "\n<|endoftext|>\n").encode()))
+    assert [i for i, _ in got] == [f"a.txt@{k}" for k in starts]
     assert stats.documents == 5 and stats.bytes == (tmp_path / "a.txt").stat().st_size
 
 
@@ -32,7 +36,7 @@ def test_custom_delimiter_and_doc_per_file(tmp_path):
     assert [t for _, t in got] == ["one", "two"]
     (tmp_path / "d" / "y.txt").write_text("whole file\n\nsecond paragraph\n")
     got, _ = read([tmp_path / "d"], doc_per_file=True)
-    assert got == [("x.txt:0", "one\n===\ntwo"), ("y.txt:0", "whole file\n\nsecond paragraph")]
+    assert got == [("x.txt@0", "one\n===\ntwo"), ("y.txt@0", "whole file\n\nsecond paragraph")]
 
 
 def test_jsonl_parquet_dir_and_glob(tmp_path):
@@ -46,7 +50,8 @@ def test_jsonl_parquet_dir_and_glob(tmp_path):
     pq.write_table(pa.table({"body": docs[3:]}), d / "sub" / "b.parquet", row_group_size=1)
     got, stats = read([d], text_field="body")
     assert [t for _, t in got] == docs
-    assert [i for i, _ in got] == ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2",
+    lens = [len(json.dumps({"body": t, "n": 1}) + "\n") for t in docs[:2]]
+    assert [i for i, _ in got] == ["a.jsonl@0", f"a.jsonl@{lens[0]}", f"a.jsonl@{lens[0] + lens[1]}",
                                    "sub/b.parquet:0", "sub/b.parquet:1", "sub/b.parquet:2"]
     got2, _ = read([str(d) + "/**/*.parquet"], text_field="body")
     assert [t for _, t in got2] == docs[3:]
@@ -88,8 +93,8 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
     got, stats = read([tmp_path / "e.txt"])
     assert [t for _, t in got] == ["a", "b"]
     assert stats.skipped_empty == 2
-    # Ids count every document, skipped ones included, so they stay stable if a document is fixed.
-    assert [i for i, _ in got] == ["e.txt:0", "e.txt:3"]
+    # Ids are the documents' byte offsets, so they stay stable if another document is fixed.
+    assert [i for i, _ in got] == ["e.txt@0", "e.txt@49"]
 
 
 def test_bad_jsonl_lines(tmp_path):
@@ -110,7 +115,7 @@ def test_enormous_document_is_streamed_in_pieces(tmp_path, tiny_tokenizer_dir):
     pieces = list(iter_pieces(cfg))
     assert len(big) > 40_000 and len(pieces) - 1 >= len(big) // 8192
     assert max(len(p.text) for p in pieces) < 4096 + 10_000
-    assert all(p.doc_id == "big.txt:1" for p in pieces[1:]) and [p.last for p in pieces].count(True) == 2
+    assert all(p.doc_id == "big.txt@24" for p in pieces[1:]) and [p.last for p in pieces].count(True) == 2
     assert "".join(p.text for p in pieces[1:]) == big
     # Cutting only before non-space line starts keeps byte-level BPE ids identical.
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.corpus import CorpusConfig, iter_documents
 from pipeline.stage1 import TokenizeConfig, in_val, main, run
 from shards import load_manifest, open_split
 from shards.runlog import read_runs
@@ -41,8 +42,11 @@ def test_round_trip_and_token_counts(tmp_path, tiny_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     eos = m.tokenizer["eos_id"]
     assert tok.convert_ids_to_tokens(eos) == "<|endoftext|>"
+    # Ids as whole-file reading gives them (corpus.txt@<byte offset>): the split hashes them.
+    ids = [i for i, _ in iter_documents(CorpusConfig([str(tmp_path / "corpus.txt")]))]
+    assert len(ids) == len(docs) and ids[0] == "corpus.txt@0"
     for split in ("train", "val"):
-        mine = [d for i, d in enumerate(docs) if in_val(f"corpus.txt:{i}", 0, 0.2) == (split == "val")]
+        mine = [d for i, d in zip(ids, docs, strict=True) if in_val(i, 0, 0.2) == (split == "val")]
         expected = np.concatenate([np.append(tok(d, add_special_tokens=False)["input_ids"], eos) for d in mine])
         s = m.splits[split]
         got = stream(m, split)
@@ -89,24 +93,49 @@ def test_val_corpus_forms_the_val_split(tmp_path, tiny_tokenizer_dir):
 
 
 def test_split_is_stable_when_documents_are_added():
-    ids = [f"c.txt:{i}" for i in range(5000)]
+    ids = [f"c.txt@{1000 * i}" for i in range(5000)]
     val = {i for i in ids if in_val(i, 0, 0.05)}
     assert 150 < len(val) < 350
-    more = ids + [f"d.txt:{i}" for i in range(1000)]
+    more = ids + [f"d.txt@{1000 * i}" for i in range(1000)]
     assert {i for i in more[:5000] if in_val(i, 0, 0.05)} == val
     assert {i for i in ids if in_val(i, 1, 0.05)} != val  # the seed salts the hash
 
 
+def tree(d) -> dict[str, bytes]:
+    """Every file under ``d`` -> its bytes (zarr directories included), the run log left out."""
+    return {str(p.relative_to(d)): p.read_bytes()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "runs.jsonl"}
+
+
+def windows(manifest, split):
+    ds = open_split(manifest, split, verify="open")
+    return np.stack([ds[i]["tokens"] for i in range(len(ds))]) if len(ds) else np.zeros((0, T + 1))
+
+
 def test_bytes_identical_across_worker_counts_and_formats(tmp_path, tiny_tokenizer_dir):
+    """In-process, 1 and 2 Ray workers over the same partition (several tasks of 20 KB): every file's
+    bytes, manifest included, are the same; Zarr holds the same token streams."""
     docs = owt_documents(30)
-    a = stage1(tmp_path, tiny_tokenizer_dir, docs, "w1", num_workers=1, batch_chars=2000)
-    b = stage1(tmp_path, tiny_tokenizer_dir, docs, "w3", num_workers=3, batch_chars=5000)
-    c = stage1(tmp_path, tiny_tokenizer_dir, docs, "local", in_process=True)
-    z = stage1(tmp_path, tiny_tokenizer_dir, docs, "z", format="zarr", zarr_chunk_windows=4)
+    kw = dict(task_mb=0.02, shard_mb=0.02)
+    c = stage1(tmp_path, tiny_tokenizer_dir, docs, "local", in_process=True, **kw)
+    a = stage1(tmp_path, tiny_tokenizer_dir, docs, "w1", num_workers=1, batch_chars=2000, **kw)
+    stage1(tmp_path, tiny_tokenizer_dir, docs, "w2", num_workers=2, batch_chars=5000, **kw)
+    z = stage1(tmp_path, tiny_tokenizer_dir, docs, "z", format="zarr", zarr_chunk_windows=4, **kw)
+    assert c.corpus["tasks"] > 3 and len({sh.parts["tokens"].path.name.split("-")[1] for sh in
+                                         c.splits["train"].shards}) > 3  # shards of several tasks
+    ref = tree(tmp_path / "local")
+    assert "manifest.json" in ref and not any("stage1-tasks" in k for k in ref)
+    assert tree(tmp_path / "w1") == ref and tree(tmp_path / "w2") == ref
+    assert [r["num_workers"] for r in (read_runs(tmp_path / n)[-1] for n in ("local", "w1", "w2"))] == [1, 1, 2]
     for split in ("train", "val"):
-        sums = [[p.checksum for s in m.splits[split].shards for p in s.parts.values()] for m in (a, b, c)]
-        assert sums[0] == sums[1] == sums[2]
-        np.testing.assert_array_equal(stream(a, split), stream(z, split))
+        np.testing.assert_array_equal(windows(a, split), windows(z, split))
+    stream(c, "val")  # one stream, packed by the driver: consecutive windows share a token
+    # The fingerprint does not depend on the partition; the packing (train tails per task) does.
+    one = stage1(tmp_path, tiny_tokenizer_dir, docs, "one_task", in_process=True, shard_mb=0.02)
+    assert one.corpus["fingerprint"] == c.corpus["fingerprint"] and one.corpus["tasks"] == 1
+    assert one.splits["val"].windows == c.splits["val"].windows  # val is packed once, from every task's stream
+    s = c.splits["train"]
+    assert s.extra["stream_tokens"] == s.windows * T + s.extra["packed_streams"] + s.extra["tail_tokens"]
 
 
 def test_rerun_reuses_refuses_and_overwrites(tmp_path, tiny_tokenizer_dir, capsys):
@@ -170,4 +199,4 @@ def test_owt_train_with_smollm2(tmp_path):
                 for _, t in iter_documents(CorpusConfig([str(corpus)])))
     assert sum(s.extra["stream_tokens"] for s in m.splits.values()) == total
     for s in m.splits.values():
-        assert s.extra["stream_tokens"] == s.windows * 512 + 1 + s.extra["tail_tokens"]
+        assert s.extra["stream_tokens"] == s.windows * 512 + s.extra["packed_streams"] + s.extra["tail_tokens"]

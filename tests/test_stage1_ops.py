@@ -124,7 +124,7 @@ def test_unfinished_run_is_redone_without_a_flag(tmp_path, tiny_tokenizer_dir):
     out.mkdir()
     (out / ".stage1-settings.json").write_text(json.dumps(ref.settings))
     # Shards are renamed into place only when whole, so a killed run leaves complete shards of ours.
-    (out / "train-00000.arrow").write_bytes((tmp_path / "ref" / "train-00000.arrow").read_bytes())
+    (out / "train-000000-00000.arrow").write_bytes((tmp_path / "ref" / "train-000000-00000.arrow").read_bytes())
     (out / "..stage1-settings.json.tmp-89abcdef").write_text("{")
     run(cfg(tmp_path, tiny_tokenizer_dir, shard_mb=0.01))
     assert tree(out) == tree(tmp_path / "ref")
@@ -186,7 +186,7 @@ def test_kill9_then_rerun_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir):
     p = subprocess.Popen([sys.executable, "-m", "pipeline.stage1", *args, *full], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (out / "train-00002.arrow").exists() and p.poll() is None and time.monotonic() < deadline:
+    while not (out / "train-000000-00002.arrow").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -200,6 +200,47 @@ def test_kill9_then_rerun_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir):
     assert not [q for q in out.iterdir() if ".tmp-" in q.name] and not list((tmp_path / "m").glob(".*"))
     (log,) = read_runs(out)  # the killed run logged nothing; the timings live only here
     assert log["outcome"] == "wrote" and log["ray"] == "none" and "wall_s" not in (out / "manifest.json").read_text()
+
+
+def test_kill9_resumes_per_task(tmp_path, tiny_tokenizer_dir):
+    """Many tasks (--task-mb 0.03): killed once two task records are in, the same command resumes. Finished
+    tasks are not redone (their shards keep their mtimes; runs.jsonl counts them), a finished task whose
+    shard no longer verifies is redone, and every byte equals an uninterrupted run's."""
+    from shards.records import read_records
+
+    corpus = write_corpus(tmp_path / "big.txt", owt_documents(60) * 4)
+    args = ["--corpus", str(corpus), "--tokenizer", str(tiny_tokenizer_dir), "--seq-len", str(T), "--in-process",
+            "--shard-mb", "0.02", "--val-fraction", "0.1", "--task-mb", "0.03"]
+    ref = cli(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert read_runs(tmp_path / "ref")[-1]["tasks"] > 8
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.stage1", *args, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(read_records(out / "stage1-tasks")) < 2 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before the kill: use a larger corpus"
+    records = read_records(out / "stage1-tasks")
+    assert len(records) >= 2
+    shards = {sh["name"]: (out / sh["name"]).stat().st_mtime_ns for r in records.values() for sh in r["shards"]}
+    # A finished task whose shard is damaged: redone (its record no longer verifies).
+    damaged = records["t000000"]["shards"][0]["name"]
+    data = bytearray((out / damaged).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / damaged).write_bytes(bytes(data))
+    time.sleep(0.01)
+    r = cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert tree(out) == tree(tmp_path / "ref")
+    assert not (out / "stage1-tasks").exists()
+    kept = {n: (out / n).stat().st_mtime_ns for n in shards}
+    assert kept[damaged] != shards[damaged]
+    assert all(kept[n] == shards[n] for n in shards if not n.startswith(damaged.rsplit("-", 1)[0]))
+    log = read_runs(out)[-1]
+    assert log["outcome"] == "wrote" and log["tasks_reused"] == len(records) - 1
 
 
 # -- bad flags and paths: one error line, exit 2, before heavy work ---------------------------------
@@ -228,6 +269,7 @@ def _bad_inputs(tmp_path: Path, tok: Path) -> dict[str, tuple[list[str], str]]:
         "shard-mb 0": ([*g, *base, "--shard-mb", "0"], "--shard-mb must be positive"),
         "val-fraction 1": ([*g, *base, "--val-fraction", "1"], "--val-fraction"),
         "num-workers -1": ([*g, *base, "--num-workers", "-1"], "--num-workers"),
+        "task-mb 0": ([*g, *base, "--task-mb", "0"], "--task-mb must be positive"),
         "delimiter empty": ([*g, *base, "--delimiter", ""], "--delimiter"),
         "zarr-chunk-windows 0": ([*g, *base, "--zarr-chunk-windows", "0"], "--zarr-chunk-windows"),
         "eos-token unknown": ([*g, *base, "--eos-token", "<|nope|>"], "<|nope|>"),
@@ -394,6 +436,12 @@ def test_corpus_fingerprint_does_not_depend_on_pieces(tmp_path, tiny_tokenizer_d
     big = "\n".join(owt_documents(40)) * 20
     docs = [owt_documents(1)[0], big[:1_100_000].strip(), "last one"]
     write_corpus(tmp_path / "corpus.txt", docs)
+    from common.corpus import CorpusConfig, iter_documents
+
     m = run(cfg(tmp_path, tiny_tokenizer_dir, val_fraction=0.0))
-    h = hashlib.sha256(b"".join(f"corpus.txt:{i}".encode() + b"\0" + d.encode() + b"\0" for i, d in enumerate(docs)))
-    assert m.corpus["fingerprint"] == "sha256:" + h.hexdigest()[:16] and m.corpus["documents"] == 3
+    # Each document's sha256 of (id, text), summed mod 2**256 (pipeline/stage1_task.py: any partition
+    # gives the same sum); ids are byte offsets (common/corpus.py).
+    ids = [i for i, _ in iter_documents(CorpusConfig([str(tmp_path / "corpus.txt")]))]
+    h = sum(int.from_bytes(hashlib.sha256(i.encode() + b"\0" + d.encode() + b"\0").digest(), "big")
+            for i, d in zip(ids, docs, strict=True)) % (1 << 256)
+    assert m.corpus["fingerprint"] == "sha256:" + f"{h:064x}"[:16] and m.corpus["documents"] == 3
