@@ -30,24 +30,28 @@ from __future__ import annotations
 import functools
 import io
 import os
-import re
 from typing import Any, BinaryIO
+
+# The names (pure string functions) are common/urls.py's; re-exported as this module's API.
+from common.urls import _URL, common_parent, glob_regex, has_magic, is_url, join, local_path, relative, scheme_of
+
+__all__ = ["STREAM_BUFFER", "StorageError", "client_env", "common_parent", "glob", "glob_regex", "has_magic",
+           "is_url", "join", "kind", "list_files", "local_path", "open_binary", "open_random_access", "read_range",
+           "relative", "scheme_of", "size"]
 
 STREAM_BUFFER = 8 << 20
 """Bytes fetched per request when a file is streamed: large enough that a request's latency is small
 beside its transfer, small enough that a reader holds little (docs/operations.md, "Object storage")."""
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
-_MAGIC = re.compile(r"[*?\[]")
 _S3 = ("s3", "s3a")
 _GCS = ("gs", "gcs")
 _ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-        "AWS_ACCESS_KEY_ID", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "STORAGE_EMULATOR_HOST",
+        "GOOGLE_APPLICATION_CREDENTIALS")
 """Settings a client is built from: a client is cached per their values, so a changed variable counts."""
-
-
-_FORWARD = _ENV + ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
-                   "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+_FORWARD = _ENV + ("AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_EC2_METADATA_DISABLED",
+                   "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+"""What :func:`client_env` hands on: the settings and where the SDKs look for more."""
 
 
 class StorageError(ValueError):
@@ -64,57 +68,12 @@ def client_env() -> dict[str, str]:
 # -- names -----------------------------------------------------------------------------------------
 
 
-def scheme_of(name: str) -> str | None:
-    """``"s3"`` for ``s3://b/k``; None for a local path (and ``hf:NAME``, which is not a URL)."""
-    m = _URL.match(name)
-    return m.group(1).lower() if m else None
-
-
-def is_url(name: str) -> bool:
-    """True for a remote URL (``file://`` is a local path)."""
-    return scheme_of(name) not in (None, "file")
-
-
-def local_path(name: str) -> str:
-    """``file:///a/b`` -> ``/a/b``; anything else unchanged."""
-    return _URL.match(name).group(2) if scheme_of(name) == "file" else name  # type: ignore[union-attr]
-
-
-def has_magic(name: str) -> bool:
-    """True when ``name`` holds glob characters (``*``, ``?``, ``[``)."""
-    return _MAGIC.search(name) is not None
-
-
 def _split(url: str) -> tuple[str, str]:
     """``s3://b/k/`` -> (``s3``, ``b/k``): the scheme and the path inside the store, no trailing slash."""
     m = _URL.match(url)
     if m is None:
         raise StorageError(f"{url!r} is not a URL")
     return m.group(1).lower(), m.group(2).rstrip("/")
-
-
-def join(url: str, rel: str) -> str:
-    """``join("s3://b/p/", "x/y.txt")`` -> ``s3://b/p/x/y.txt``."""
-    return url.rstrip("/") + "/" + rel
-
-
-def relative(url: str, base: str) -> str:
-    """The part of ``url`` under the folder ``base`` (both URLs), ``/``-separated."""
-    base = base.rstrip("/") + "/"
-    if not url.startswith(base):
-        raise StorageError(f"{url} is not under {base}")
-    return url[len(base):]
-
-
-def common_parent(urls: list[str]) -> str:
-    """The deepest folder URL holding every one of ``urls`` (like ``os.path.commonpath`` of parents)."""
-    parents = [u.rstrip("/").rsplit("/", 1)[0].split("/") for u in urls]
-    common: list[str] = []
-    for parts in zip(*parents, strict=False):
-        if any(p != parts[0] for p in parts):
-            break
-        common.append(parts[0])
-    return "/".join(common)
 
 
 # -- clients ---------------------------------------------------------------------------------------
@@ -272,41 +231,6 @@ def list_files(url: str) -> list[str]:
     _, base, _ = _resolve(url)
     rels = [p[len(base):].lstrip("/") for p, _ in _list(url, recursive=True)]
     return [join(url, r) for r in sorted(rels, key=_sort_key)]
-
-
-def _segment_regex(seg: str) -> str:
-    """A glob segment as a regex that never crosses ``/``; like ``glob``, a wildcard at the start of a
-    name does not match a leading dot."""
-    out = "(?!\\.)" if seg[:1] in "*?[" else ""
-    i = 0
-    while i < len(seg):
-        c = seg[i]
-        if c == "*":
-            out += "[^/]*"
-        elif c == "?":
-            out += "[^/]"
-        elif c == "[" and (j := seg.find("]", i + 2 if seg[i + 1:i + 2] in "!^" else i + 1)) != -1:
-            body = seg[i + 1:j]
-            body = "^" + body[1:] if body[:1] in "!^" else body
-            out += "[" + body.replace("\\", "\\\\") + "]"
-            i = j
-        else:
-            out += re.escape(c)
-        i += 1
-    return out
-
-
-def glob_regex(pattern: str) -> re.Pattern:
-    """``*``, ``?`` and ``[...]`` within one name, ``**`` as a whole name for any depth (as
-    ``glob.glob(..., recursive=True)``)."""
-    parts: list[str] = []
-    segs = pattern.split("/")
-    for k, seg in enumerate(segs):
-        if seg == "**":
-            parts.append("(?:(?!\\.)[^/]+/)*" if k < len(segs) - 1 else "(?:(?!\\.)[^/]+/)*(?!\\.)[^/]+")
-        else:
-            parts.append(_segment_regex(seg) + ("/" if k < len(segs) - 1 else ""))
-    return re.compile("".join(parts) + r"\Z", re.S)
 
 
 def glob(url: str) -> list[str]:

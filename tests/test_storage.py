@@ -168,6 +168,16 @@ def test_url_names():
     assert storage.relative("s3://b/p/q/y.txt", "s3://b/p/") == "q/y.txt"
 
 
+def test_client_env_lists_what_is_set(monkeypatch):
+    for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    env = storage.client_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_SECRET_ACCESS_KEY"] == "s"
+    assert "AWS_PROFILE" not in env and "HOME" not in env and "PATH" not in env
+
+
 @pytest.mark.parametrize("pattern", ["*.txt", "*", "a/*", "*/*.parquet", "**/*.txt", "**", "a*/*", "?.txt",
                                      "[xq].*", "[!x]*.parquet", "**/a/*.txt", "a-b/**/*.jsonl"])
 def test_glob_matches_like_the_glob_module(s3, tmp_path, pattern):
