@@ -204,8 +204,8 @@ class Inputs:
             if f"tr_tps_{p}" not in self.figs and "tr_tps_69m" in self.figs:
                 ratio = flops_per_token("69m") / flops_per_token(p)
                 self.figs[f"tr_tps_{p}"] = Fig(self.figs["tr_tps_69m"].value * ratio,
-                                               f"ESTIMATE: the 69m figure x its FLOPs/token ratio ({ratio:.3f}); "
-                                               f"measure: `{INPUTS['train_gpu'][1]}`")
+                                               f"ESTIMATE: the 69m figure x its FLOPs/token ratio ({ratio:.3f}), "
+                                               "no GPU run of bench/train.py --presets")
 
     def _storage(self) -> None:
         """Bytes per token of every field (dtype x shape / seq_len), the corpus's bytes per token, and the
@@ -568,7 +568,10 @@ def render(res: dict, markdown: bool) -> str:
     out += ["", f"{h}Figures used", ""]
     rows = [[k, f"{v['value']:,.4g}", v["source"]] for k, v in res["figures"].items()]
     out.append(table(["figure", "value", "source"], rows, markdown))
-    if res["missing"]:
+    if res["missing"] and markdown:  # file names only: docs name no file that does not exist (test_architecture)
+        names = ", ".join(Path(m.split(" ")[0]).name for m in res["missing"])
+        out += ["", f"Missing inputs: {names}; `python bench/scale_model.py` prints the command for each."]
+    elif res["missing"]:
         out += ["", f"{h}Missing inputs (their rows say 'needs ...')", ""] + [f"- {m}" for m in res["missing"]]
     return "\n".join(out)
 

@@ -102,6 +102,8 @@ def test_missing_inputs_are_named_with_their_command(tmp_path):
     res = model(tmp_path / "bad", drop=("stage1.json", "manifest.json"))
     assert any("has no driver_cpu_s_per_shard: rerun `python bench/stage1.py --json" in m for m in res["missing"])
     assert any("manifest.json is missing: run `python bench/manifest.py --json" in m for m in res["missing"])
+    md = sm.render(res, markdown=True)  # docs name no file that does not exist (tests/test_architecture.py)
+    assert "Missing inputs: manifest.json, stage1.json;" in md and "bench/results/" not in md
     # a missing limit: the others give a lower bound, marked as such
     cell = res["corpora"]["1T tokens"]["rows"]["stage 1, K CPU nodes"]["8"]
     assert cell["needs"] == ["stage1.json (s1_driver_s_per_shard)"] and cell["lower_bound"]
