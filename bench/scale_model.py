@@ -431,10 +431,10 @@ def trainer(preset: str):
 # (row label, unit of the hours column, builder)
 ROWS = [
     ("stage 1, K CPU nodes", "core-h", stage1),
-    ("stage 2, K x H200 fp32", "GPU-h", stage2_gpu("float32")),
-    ("stage 2, K x H200 bf16", "GPU-h", stage2_gpu("bfloat16")),
+    ("stage 2, K GPUs, fp32", "GPU-h", stage2_gpu("float32")),
+    ("stage 2, K GPUs, bf16", "GPU-h", stage2_gpu("bfloat16")),
     ("stage 2, K CPU nodes", "core-h", stage2_cpu),
-    *[(f"train {p} CoCoMix, K x H200", "GPU-h", trainer(p)) for p in PRESETS],
+    *[(f"train {p} CoCoMix, K GPUs", "GPU-h", trainer(p)) for p in PRESETS],
 ]
 
 
@@ -528,8 +528,9 @@ def render(res: dict, markdown: bool) -> str:
     out = [f"Generated {datetime.date.today().isoformat()} by `python bench/scale_model.py` from the inputs listed "
            "under 'Figures used'.", "",
            f"Assumed (not measured): stage 1 on K CPU nodes of {cfg['cores_per_node']} cores; stage 2 and "
-           f"training on K GPUs (one actor or rank each); shared storage {cfg['storage_gbps']:g} GB/s; linear "
-           "scaling across nodes (no multi-node Ray or DDP overhead); training makes one pass over the corpus."]
+           "training on K GPUs of the machine named under 'Figures used' (one actor or rank each); shared "
+           f"storage {cfg['storage_gbps']:g} GB/s; linear scaling across nodes (no multi-node Ray or DDP "
+           "overhead); training makes one pass over the corpus."]
     for name, c in res["corpora"].items():
         out += ["", f"{h}{name}", ""] + [f"- {n}" for n in c["notes"]] + [""]
         rows = []
@@ -549,7 +550,8 @@ def render(res: dict, markdown: bool) -> str:
         out.append(table(["stage", *[f"K = {k}" for k in ks]], rows, markdown))
         out += [""] + [f"- {n}" for n in cell_notes(c["rows"], ks)]
     first = next(iter(res["corpora"].values()))
-    out += ["", f"{h}Limits of each stage (tokens/s; the smallest is the bottleneck)", ""]
+    out += ["", f"{h}Limits of each stage, {next(iter(res['corpora']))} (tokens/s; the smallest is the bottleneck)",
+            ""]
     rows = []
     for label, cells in first["rows"].items():
         for i, lim in enumerate(cells[ks[0]]["limits"]):

@@ -56,7 +56,7 @@ def test_cells_against_a_naive_recomputation(tmp_path):
     assert cell["unit_hours"] == pytest.approx(cell["wall_s"] * 16 / 3600)
     # stage 2 bf16 on 8 GPUs: the H200 figure x 8, plus the start-up sha256 of the token shards
     h200 = json.loads((ROOT / "bench/results/h200-2026.json").read_text())["stage2"]["tokens_per_s"]
-    cell = owt["rows"]["stage 2, K x H200 bf16"]["8"]
+    cell = owt["rows"]["stage 2, K GPUs, bf16"]["8"]
     startup = 9e9 * tok_bpt / 1e9 / min(sm.SMOKE["extract.json"]["d_checksum_gb_per_s"], 3.0)
     gpu = 8 * h200["bfloat16"]["ours"]
     assert gpu < per_shard / mb["bookkeeping_s_per_shard"]["10000"] and gpu < 3e9 / (tok_bpt + 146)
@@ -109,14 +109,14 @@ def test_missing_inputs_are_named_with_their_command(tmp_path):
     assert cell["needs"] == ["stage1.json (s1_driver_s_per_shard)"] and cell["lower_bound"]
     assert [lim["name"] for lim in cell["limits"]] == ["workers", "storage"]
     assert cell["wall_s"] == pytest.approx(1e12 / min(lim["tokens_per_s"] for lim in cell["limits"]))
-    cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K x H200 fp32"]["8"]
+    cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K GPUs, fp32"]["8"]
     assert cell["needs"] == ["manifest.json (m_bookkeeping_s_per_shard)"] and cell["lower_bound"]
     # the throughput figure itself missing: no number at all
     (tmp_path / "bad2").mkdir()
     res = model(tmp_path / "bad2", drop=("stage1.json", "extract.json"))
     cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K CPU nodes"]["1"]
     assert cell["wall_s"] is None and cell["needs"] == ["extract.json (s2_cpu_actor_tps, s2_cpu_actor_threads)"]
-    cell = res["corpora"]["1T tokens"]["rows"]["train 69m CoCoMix, K x H200"]["1"]  # --verify open's cost unknown
+    cell = res["corpora"]["1T tokens"]["rows"]["train 69m CoCoMix, K GPUs"]["1"]  # --verify open's cost unknown
     assert cell["lower_bound"] and cell["needs"] == ["extract.json (checksum_gbps)"] and cell["startup_s"] == 0
 
 
