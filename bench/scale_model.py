@@ -143,7 +143,11 @@ class Inputs:
         if d is None:
             return
         s = self._src("stage1.json", d, "this CPU")
-        self._put("s1_worker_tps", d, ("tokens_per_s", "1"), s, "stage1")
+        tps = d.get("tokens_per_s", {})
+        if "1" not in tps and "in_process" in tps:  # a run without Ray (--smoke): the tasks in the driver
+            self._put("s1_worker_tps", d, ("tokens_per_s", "in_process"), s + ", tasks in the driver", "stage1")
+        else:
+            self._put("s1_worker_tps", d, ("tokens_per_s", "1"), s + ", 1 Ray worker", "stage1")
         self._put("s1_driver_s_per_shard", d, ("driver_cpu_s_per_shard",), s, "stage1")
         self._put("s1_tail_per_partition", d, ("tail_tokens_per_partition",), s, "stage1")
         if "2" in d.get("tokens_per_s", {}):
