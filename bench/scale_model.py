@@ -99,6 +99,7 @@ class Inputs:
         self.cfg, self.figs, self.missing = cfg, {}, []
         self.results = Path(cfg.results)
         raw = {k: self._load(k) for k in INPUTS}
+        self.gpu = self._gpu_file()
         self._stage1(raw["stage1"])
         self._manifest(raw["manifest"])
         self._extract(raw["extract"], raw["extract_gpu"])
@@ -173,7 +174,7 @@ class Inputs:
                 self._put("s2_cpu_actor_tps", cpu, ("ours", "tokens_per_s"), s + ", runner only", "extract")
                 self._put("s2_cpu_actor_threads", cpu, ("setup", "torch_threads"), s, "extract")
             self._put("checksum_gbps", cpu, ("d_checksum_gb_per_s",), s, "extract")
-        h200 = self._gpu_file()
+        h200 = self.gpu
         if h200 is not None:
             s = f"{Path(self.cfg.gpu_figures).name} ({h200['machine']}, {h200['measured']}), runner only"
             for prec in ("float32", "bfloat16"):
@@ -192,7 +193,7 @@ class Inputs:
         return json.loads(path.read_text())
 
     def _trainer(self, gpu: dict | None) -> None:
-        h200 = self._gpu_file()
+        h200 = self.gpu
         if h200 is not None:
             t = h200["trainer"]
             s = f"{Path(self.cfg.gpu_figures).name} ({h200['machine']}, {h200['measured']}), {t['precision']}"
@@ -233,8 +234,10 @@ class Inputs:
             stream = sum(sp.get("stream_tokens", 0) for sp in m["splits"].values())
             if c.get("bytes") and stream and "corpus_bytes_per_token" not in self.figs:
                 self.figs["corpus_bytes_per_token"] = Fig(c["bytes"] / stream, name)
-        for f in set(STAGE2_WRITES + COCOMIX_READS) - set(self.fields):
+        for f in sorted(set(STAGE2_WRITES + COCOMIX_READS) - set(self.fields)):
             raise ValueError(f"no manifest in --manifests has the field {f}: add one that does")
+        if "corpus_bytes_per_token" not in self.figs:
+            raise ValueError("no manifest in --manifests records its corpus's bytes (corpus.bytes): add one that does")
 
     def bytes_per_token(self, names: tuple[str, ...]) -> float:
         return sum(self.fields[f]["bytes_per_token"] * (1 + self.overhead[self.fields[f]["part"]]) for f in names)
