@@ -344,7 +344,7 @@ def _need(inp: Inputs, cell: Cell, *keys: str) -> bool:
         if k not in inp.figs:
             by.setdefault(next(v for p, v in PRODUCER.items() if k.startswith(p)), []).append(k)
     cell.needs += [f"{src} ({', '.join(ks)})" for src, ks in by.items()]
-    return not cell.needs
+    return not by
 
 
 def stage1(inp: Inputs, tokens: float, k: int) -> Cell:

@@ -111,6 +111,7 @@ def test_missing_inputs_are_named_with_their_command(tmp_path):
     assert cell["wall_s"] == pytest.approx(1e12 / min(lim["tokens_per_s"] for lim in cell["limits"]))
     cell = res["corpora"]["1T tokens"]["rows"]["stage 2, K GPUs, fp32"]["8"]
     assert cell["needs"] == ["manifest.json (m_bookkeeping_s_per_shard)"] and cell["lower_bound"]
+    assert cell["startup_s"] > 0  # the figures that are there still count
     # the throughput figure itself missing: no number at all
     (tmp_path / "bad2").mkdir()
     res = model(tmp_path / "bad2", drop=("stage1.json", "extract.json"))
