@@ -1,13 +1,25 @@
-"""Stage-1 throughput: a plain single-process loop vs 1 vs 2 Ray tokenizer actors, same corpus;
-and stage 1's peak memory on a single huge document.
+"""Stage-1 throughput: tasks run in the driver (no Ray) vs 1 vs 2 Ray workers, same corpus, side by side;
+the driver's CPU time per shard; the tail tokens packing per task drops; and stage 1's peak memory on a
+single huge document.
 
-    python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512]
+    python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512] [--task-mb 0.25]
+                           [--tail-seq-lens 512 1024] [--tail-task-mb 0.25 1 4 64] [--json bench/results/stage1.json]
     python bench/stage1.py --memory 20 50 [--code OTHER_CHECKOUT]
     python bench/stage1.py --smoke --tokenizer DIR   # a small generated corpus: checks the script runs
 
-Tokens/s counts documents' tokens plus EOS, from the first batch to the last window written (the
-driver's one-off tokenizer load and Ray start-up are excluded; actor start-up is included), as
-logged in OUT/runs.jsonl. All runs must produce byte-identical shards; the script checks that too.
+Tokens/s counts documents' tokens plus EOS, from the first task submitted to the manifest saved (the
+driver's one-off tokenizer load and Ray start-up are excluded), as logged in OUT/runs.jsonl. Ray's
+worker processes are started by a warm-up run first, so the figures are the steady state of a long run
+(a worker process builds its tokenizer once, on its first task). The driver's CPU time (its
+``time.process_time`` over the same span, logged in runs.jsonl: submitting, tracking, packing val,
+assembling and saving the manifest) is divided by the shards written. Each variant runs ``--repeats``
+times, interleaved, and the best run is shown (the load of a shared machine drifts). Every variant must
+write byte-identical files, manifest included; the script checks that.
+
+Tail tokens: each task packs its own train stream, so each drops the tail that fills no last window
+(< seq_len + 1 tokens). One tokenization pass gives every document's length; the plan of each
+``--tail-task-mb`` then says which task owns which document (common/partition.py), so the tails of every
+(seq_len, task size) pair are exact without writing shards; the measured run's tail is checked against it.
 
 ``--memory MB...``: for each size, one document of that many MB on a single line (words and spaces,
 no newline), stage 1 ``--in-process`` in a child process; prints the child's peak RSS (its own
@@ -19,8 +31,11 @@ before / after comparison.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -86,48 +101,135 @@ def smoke_corpus(path: Path, docs: int = 40) -> Path:
     return path
 
 
+def tree(d: Path) -> dict[str, bytes]:
+    """Every file a run wrote (zarr directories included), the run log left out."""
+    return {str(p.relative_to(d)): p.read_bytes()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "runs.jsonl"}
+
+
+def tail_sweep(corpus: list[str], tokenizer: str, seq_lens: list[int], task_mbs: list[float]) -> list[dict]:
+    """Train tail tokens dropped per task for each (seq_len, task size), from one tokenization pass."""
+    from common.corpus import CorpusStats
+    from common.partition import iter_task, plan
+    from common.teacher import load_tokenizer, resolve_teacher
+    from pipeline.stage1 import Encoder, encoder_payload, in_val
+
+    cfg = TokenizeConfig(corpus=corpus, tokenizer=tokenizer, out="unused")
+    ccfg = cfg.corpus_config()
+    enc = Encoder(encoder_payload(load_tokenizer(resolve_teacher(tokenizer))))
+    length: dict[str, int] = {}  # train documents' tokens + EOS, by id (the same ids for every partition)
+    for t in plan(ccfg, 1 << 62):
+        pieces = list(iter_task(t, ccfg, CorpusStats()))
+        for p, ids in zip(pieces, enc.encode([p.text for p in pieces]), strict=True):
+            if not in_val(p.doc_id, cfg.seed, cfg.val_fraction):
+                length[p.doc_id] = length.get(p.doc_id, 0) + len(ids) + p.last
+    total = sum(length.values())
+    rows = []
+    for mb in task_mbs:
+        streams = []
+        for t in plan(ccfg, max(1, int(mb * 1e6))):
+            ids = {p.doc_id for p in iter_task(t, ccfg, CorpusStats())}
+            streams.append(sum(length.get(i, 0) for i in ids))
+        for T in seq_lens:
+            tails = [n - ((n - 1) // T * T + 1) if n > T else n for n in streams]
+            rows.append({"seq_len": T, "task_mb": mb, "tasks": len(streams), "train_tokens": total,
+                         "tail_tokens": sum(tails), "per_task": sum(tails) / len(streams),
+                         "fraction": sum(tails) / total})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", nargs="+", default=[str(DEFAULT)])
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--task-mb", type=float, default=0.25,
+                   help="task size of the timed runs (the 4.2 MB OWT sample: 17 tasks)")
+    p.add_argument("--tail-seq-lens", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--tail-task-mb", type=float, nargs="+", default=[0.25, 1.0, 4.0, 64.0])
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant; the best is shown")
+    p.add_argument("--json", type=Path, help="write the figures here (bench/scale_model.py reads them)")
     p.add_argument("--memory", type=float, nargs="+", metavar="MB",
                    help="peak RSS on one-line documents of these sizes")
     p.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                    help="checkout whose stage 1 --memory runs")
     p.add_argument("--smoke", action="store_true",
-                   help="a small generated corpus, seq-len 32, the plain loop only: checks the script runs")
+                   help="a small generated corpus, seq-len 32, in the driver only: checks the script runs")
     a = p.parse_args()
     if a.memory:
         memory(a.memory, a.tokenizer, a.seq_len, a.code)
         return
     logging.basicConfig(level=logging.WARNING)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, in every variant
-    variants = [("plain loop (no Ray)", {"in_process": True}), ("Ray, 1 actor", {"num_workers": 1}),
-                ("Ray, 2 actors", {"num_workers": 2})]
-    if a.smoke:  # the plain loop only: starting Ray alone takes ~15 s here (stage 1 on Ray: tests/test_stage1.py)
+    variants = [("in the driver (no Ray)", "in_process", {"in_process": True}),
+                ("Ray, 1 worker", "1", {"num_workers": 1}), ("Ray, 2 workers", "2", {"num_workers": 2})]
+    load_before = os.getloadavg()
+    if a.smoke:  # the driver only: starting Ray alone takes ~15 s here (stage 1 on Ray: tests/test_stage1.py)
         variants = variants[:1]
     else:
         init_ray("local")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if a.smoke:
-            a.corpus, a.seq_len = [str(smoke_corpus(Path(tmp) / "smoke.txt"))], 32
-        for name, kw in variants:
-            out = f"{tmp}/{len(rows)}"
-            m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=out, seq_len=a.seq_len, **kw))
-            sums = [pt.checksum for s in m.splits.values() for sh in s.shards for pt in sh.parts.values()]
-            log = read_runs(out)[-1]  # timings live in the run log, not in the manifest
-            rows.append((name, log["tokens_per_s"], log["wall_s"], sums))
-    base = rows[0][1]
-    print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs\n"
-          f"{'variant':22s} {'tokens/s':>10s} {'wall s':>8s} {'vs plain':>9s}")
-    for name, tps, wall, _ in rows:
-        print(f"{name:22s} {tps:10,.0f} {wall:8.1f} {tps / base:8.2f}x")
-    if len(rows) == 3:
-        print(f"2 actors vs 1 actor: {rows[2][1] / rows[1][1]:.2f}x")
-    assert all(r[3] == rows[0][3] for r in rows), "shards differ between variants"
-    print("shards byte-identical across variants: yes")
+            a.corpus, a.seq_len, a.task_mb = [str(smoke_corpus(Path(tmp) / "smoke.txt"))], 32, 0.002
+            a.tail_seq_lens, a.tail_task_mb = [32, 64], [0.002, 0.005]
+        else:  # warm-up: Ray's worker processes start (and build their tokenizer) before any clock runs
+            run(TokenizeConfig(corpus=[str(smoke_corpus(Path(tmp) / "warm.txt", 400))], tokenizer=a.tokenizer,
+                               out=f"{tmp}/warm", seq_len=32, task_mb=0.01, num_workers=2))
+        # Interleaved repeats, best of each: on a shared machine the load drifts during a run.
+        for rep in range(1 if a.smoke else a.repeats):
+            for name, key, kw in variants:
+                out = Path(f"{tmp}/{key}-{rep}")
+                m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=str(out), seq_len=a.seq_len,
+                                       task_mb=a.task_mb, **kw))
+                shards = sum(len(s.shards) for s in m.splits.values())
+                log = read_runs(out)[-1]  # timings live in the run log, not in the manifest
+                row = {"name": name, "key": key, "tps": log["tokens_per_s"], "wall": log["wall_s"],
+                       "cpu_per_shard": log["driver_cpu_s"] / shards, "shards": shards, "tasks": log["tasks"],
+                       "tail": m.splits["train"].extra["tail_tokens"], "files": tree(out)}
+                if rep == 0:
+                    rows.append(row)
+                else:
+                    old = next(r for r in rows if r["key"] == key)
+                    assert row["files"] == old["files"], "files differ between repeats"
+                    if row["tps"] > old["tps"]:
+                        rows[rows.index(old)] = row
+        identical = all(r["files"] == rows[0]["files"] for r in rows)
+        tails = tail_sweep(a.corpus, a.tokenizer, sorted(set(a.tail_seq_lens) | {a.seq_len}),
+                           sorted(set(a.tail_task_mb) | {a.task_mb}))
+    load_after = os.getloadavg()
+    base = rows[0]["tps"]
+    print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after; seq_len {a.seq_len}, --task-mb {a.task_mb:g} ({rows[0]['tasks']} tasks, "
+          f"{rows[0]['shards']} shards)\n"
+          f"{'variant':24s} {'tokens/s':>10s} {'wall s':>8s} {'vs driver':>10s} {'driver CPU s/shard':>19s}")
+    for r in rows:
+        print(f"{r['name']:24s} {r['tps']:10,.0f} {r['wall']:8.1f} {r['tps'] / base:9.2f}x {r['cpu_per_shard']:19.4f}")
+    by = {r["key"]: r for r in rows}
+    if "2" in by:
+        print(f"2 workers vs 1 worker: {by['2']['tps'] / by['1']['tps']:.2f}x")
+    print(f"\ntrain tail tokens dropped (each task packs its own stream; val is packed once, by the driver)\n"
+          f"{'seq_len':>7s} {'--task-mb':>9s} {'tasks':>6s} {'tail tokens':>11s} {'per task':>9s} {'of train':>9s}")
+    for t in tails:
+        print(f"{t['seq_len']:7d} {t['task_mb']:9g} {t['tasks']:6d} {t['tail_tokens']:11,d} {t['per_task']:9.1f} "
+              f"{t['fraction']:9.3%}")
+    measured = next(t for t in tails if t["seq_len"] == a.seq_len and t["task_mb"] == a.task_mb)
+    assert measured["tail_tokens"] == rows[0]["tail"], (measured, rows[0]["tail"])  # the sweep matches the run
+    assert identical, "files differ between variants"
+    print("shards byte-identical across variants: yes (every file written, manifest included)")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        rec = {"measured": datetime.date.today().isoformat(), "machine": platform.node(), "cpus": os.cpu_count(),
+               "load_average": [round(x, 2) for x in (*load_before, *load_after)],
+               "corpus": a.corpus, "tokenizer": a.tokenizer, "seq_len": a.seq_len, "task_mb": a.task_mb,
+               "tasks": rows[0]["tasks"], "shards": rows[0]["shards"],
+               "tokens_per_s": {r["key"]: r["tps"] for r in rows},
+               "driver_cpu_s_per_shard": max(r["cpu_per_shard"] for r in rows if r["key"] != "in_process")
+               if len(rows) > 1 else rows[0]["cpu_per_shard"],
+               "tail_tokens_per_partition": measured["per_task"], "tail_tokens": tails,
+               "bytes_identical": identical}
+        a.json.write_text(json.dumps(rec, indent=2) + "\n")
+        print(f"figures: {a.json}")
 
 
 if __name__ == "__main__":

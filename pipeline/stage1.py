@@ -136,10 +136,10 @@ def run(cfg: TokenizeConfig) -> Manifest:
 
     ctx = TaskContext(cfg=cfg, out=str(out.absolute()), spec=spec, windows_per_shard=windows_per_shard, eos=eos,
                       tokenizer_key=tok_info["fingerprint"])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     records, reused, n_workers, mode = _execute(ctx, tasks, read_records(out / TASKS_DIR), tokenizer)
     manifest = _assemble(ctx, tasks, records, tok_info, settings)
-    elapsed = time.perf_counter() - t0
+    elapsed, driver_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if manifest.corpus["documents"] == 0:
         raise ValueError(
             f"corpus {' '.join(cfg.corpus)} has no documents ({manifest.corpus['skipped_empty']} empty, "
@@ -163,6 +163,7 @@ def run(cfg: TokenizeConfig) -> Manifest:
                           "wall_s": round(elapsed, 2), "tokens": tokens,
                           "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                           "num_workers": n_workers, "ray": mode, "tasks": len(tasks), "tasks_reused": reused,
+                          "driver_cpu_s": round(driver_cpu, 3),
                           "manifest": str(manifest.path),
                           "manifest_copy": str(Path(cfg.manifest).absolute()) if cfg.manifest else None})
     return manifest

@@ -117,6 +117,30 @@ def load_settings(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())["settings"]
 
 
+def test_output_of_the_old_split_rule_is_a_different_dataset(tmp_path, tiny_tokenizer_dir):
+    """A dataset written before stage 1 ran as tasks (ids <source>:<index>, one stream, train-00000 names):
+    its settings lack split_rule and task_mb, so a rerun names both and --overwrite replaces its shards."""
+    from pipeline.stage1_config import SPLIT_RULE
+
+    out = tmp_path / "out"
+    run(cfg(tmp_path, tiny_tokenizer_dir))
+    m = json.loads((out / "manifest.json").read_text())
+    for k in ("split_rule", "task_mb"):
+        m["settings"].pop(k)
+    for split in m["splits"].values():
+        for sh in split["shards"]:
+            old = sh["parts"]["tokens"]["path"].replace("-000000", "")
+            (out / sh["parts"]["tokens"]["path"]).rename(out / old)
+            sh["parts"]["tokens"]["path"] = old
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError) as e:
+        run(cfg(tmp_path, tiny_tokenizer_dir))
+    assert f"split_rule: None there, {SPLIT_RULE!r} now" in str(e.value) and "task_mb: None there" in str(e.value)
+    assert (out / "train-00000.arrow").exists()
+    run(cfg(tmp_path, tiny_tokenizer_dir, overwrite=True))
+    assert not (out / "train-00000.arrow").exists() and (out / "train-000000-00000.arrow").exists()
+
+
 def test_unfinished_run_is_redone_without_a_flag(tmp_path, tiny_tokenizer_dir):
     """A run killed before its manifest: settings file, some shards and a temporary are ours."""
     out = tmp_path / "out"
