@@ -178,8 +178,9 @@ class _WandB:
             kw["entity"] = opts.wandb_entity
         if opts.wandb_mode:
             kw["mode"] = opts.wandb_mode
-        if not os.environ.get("WANDB_DIR"):  # the user's choice of place wins; else beside the run's files
-            kw["dir"] = str(out)
+        # The user's WANDB_DIR wins, else beside the run's files; passed explicitly because W&B keeps the
+        # settings of its first run in a process (recipes train several students in one process).
+        kw["dir"] = os.environ.get("WANDB_DIR") or str(out)
         self.run = wandb.init(**kw)
         # A resumed run may have changed free settings (workers, log_every, ...): the latest values win.
         self.run.config.update(config, allow_val_change=True)

@@ -116,7 +116,7 @@ def assert_tb_equals_metrics(tb: dict[str, dict[int, float]], metrics: list[dict
 
 
 @pytest.fixture
-def offline_wandb(tmp_path, monkeypatch) -> Path:
+def offline_wandb(tmp_path, monkeypatch):
     """W&B in offline mode with its files in tmp: nothing reaches a server, nothing outside tmp."""
     pytest.importorskip("wandb")
     d = tmp_path / "wandb-home"
@@ -131,7 +131,10 @@ def offline_wandb(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
-    return d
+    yield d
+    import wandb
+
+    wandb.teardown()  # W&B keeps one service and its settings per process: the next test starts afresh
 
 
 def block_packages(monkeypatch, *names: str) -> None:
