@@ -151,9 +151,51 @@ class Manifest:
         data = self.to_json(path.parent)
         validate(data, where=str(path))
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            tmp.write_text(dumps(data) + "\n")
         self.path = path
         return path
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """``json.dumps(data, indent=2)``, the same text, several times faster for many shards: with an
+    indent, json encodes in pure Python (0.4 s for 10,000 shards), so each split's shard list is
+    rendered here from templates (its entries have one fixed shape) and the rest by json."""
+    splits = data.get("splits")
+    lists = {name: s.get("shards") for name, s in splits.items()} if isinstance(splits, dict) else {}
+    if not lists or not all(isinstance(v, list) and all(map(_plain_shard, v)) for v in lists.values()):
+        return json.dumps(data, indent=2)
+    marks = {name: f"\0shards {i}\0" for i, name in enumerate(lists)}
+    text = json.dumps({**data, "splits": {n: {**s, "shards": marks[n]} for n, s in splits.items()}}, indent=2)
+    for name, shards in lists.items():
+        mark = json.dumps(marks[name])
+        at = text.index(mark)
+        pad = " " * (at - text.rindex("\n", 0, at) - 1 - len('"shards": '))  # the "shards" key's indent
+        text = text[:at] + _render_shards(shards, pad) + text[at + len(mark):]
+    return text
+
+
+def _plain_shard(sh: Any) -> bool:
+    """A shard entry of exactly the shape :func:`_render_shards` writes (what ``to_json`` makes)."""
+    return (type(sh) is dict and list(sh) == ["windows", "parts"] and type(sh["windows"]) is int
+            and type(sh["parts"]) is dict and len(sh["parts"]) > 0 and all(
+                type(pn) is str and type(p) is dict and list(p) == ["path", "format", "checksum", "bytes"]
+                and type(p["path"]) is str and type(p["format"]) is str and type(p["checksum"]) is str
+                and type(p["bytes"]) is int for pn, p in sh["parts"].items()))
+
+
+def _render_shards(shards: list[dict[str, Any]], pad: str) -> str:
+    if not shards:
+        return "[]"
+    q = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
+    i1, i2, i3, i4 = (pad + "  " * k for k in range(1, 5))
+    out = []
+    for sh in shards:
+        parts = ",\n".join(
+            f'{i3}{q(pn)}: {{\n{i4}"path": {q(p["path"])},\n{i4}"format": {q(p["format"])},\n'
+            f'{i4}"checksum": {q(p["checksum"])},\n{i4}"bytes": {int.__repr__(p["bytes"])}\n{i3}}}'
+            for pn, p in sh["parts"].items())
+        out.append(f'{i1}{{\n{i2}"windows": {int.__repr__(sh["windows"])},\n{i2}"parts": {{\n{parts}\n{i2}}}\n{i1}}}')
+    return "[\n" + ",\n".join(out) + f"\n{pad}]"
 
 
 def _err(errors: list[str], cond: bool, msg: str) -> bool:

@@ -239,3 +239,108 @@ def test_streaming_writer_bytes_do_not_depend_on_append_sizes(tmp_path, fmt):
         bad.append({k: v[:2] for k, v in w.items()})
         bad.close()
     assert not list(tmp_path.glob(".bad*"))  # the temporary output is gone
+
+
+# -- manifests and splits of 10,000+ shards (issue 14; bench/manifest.py measures the costs) ----------
+
+
+def _many_shards(tmp: Path, n: int) -> Path:
+    """A manifest of ``n`` one-window shards; every shard file is a hard link to one of two real
+    shards (identical bytes, so one checksum each), which makes 10,000 shards take a second to build."""
+    w = random_windows(1)
+    m = Manifest(kind="tokens", seq_len=T, tokenizer=TOKENIZER, fields=FIELDS, field_parts=PARTS)
+    src = {p: write_shard(tmp / f"src-{p}.arrow", m.part_fields(p), {f: w[f] for f in m.part_fields(p)})
+           for p in ("tokens", "concepts")}
+    for p in src:
+        (tmp / p).mkdir()
+    for i in range(n):
+        parts = {}
+        for p, part in src.items():
+            path = tmp / p / f"train-{i:05d}.arrow"
+            path.hardlink_to(part.path)
+            parts[p] = type(part)(path=path, format="arrow", checksum=part.checksum, bytes=part.bytes)
+        m.add_shard("train", 1, parts)
+    return m.save(tmp / "manifest.json")
+
+
+def test_a_10k_shard_split_opens_no_shard_before_a_window_is_read(tmp_path, monkeypatch):
+    import shards.dataset as dataset
+
+    path = _many_shards(tmp_path, 10_000)
+    m = load_manifest(path)
+    assert len(m.splits["train"].shards) == 10_000
+    assert m.splits["train"].shards[9_999].parts["concepts"].path == (tmp_path / "concepts" / "train-09999.arrow")
+    opened, hashed = [], []
+    real_open, real_verify = dataset.open_shard, dataset.verify_part
+    monkeypatch.setattr(dataset, "open_shard", lambda p, *a: opened.append(p) or real_open(p, *a))
+    monkeypatch.setattr(dataset, "verify_part", lambda part: hashed.append(part.path) or real_verify(part))
+    ds = open_split(m, "train", max_open=3)
+    assert len(ds) == 10_000 and ds.open_shards == 0 and not opened and not hashed
+    for i in (0, 4_321, 9_999, 17):
+        assert ds[i]["tokens"].shape == (T + 1,)
+    assert ds.locate(4_321) == (4_321, 0)
+    assert [p.name for p in opened[::2]] == ["train-00000.arrow", "train-04321.arrow", "train-09999.arrow",
+                                             "train-00017.arrow"]
+    assert len(hashed) == 8 and ds.open_shards == 3  # two parts per shard; at most max_open open
+    batch = ds.get_batch([0, 1, 2, 3, 9_998])
+    assert batch["concept_ids"].shape == (5, T, K) and ds.open_shards == 3
+    assert len(hashed) == 2 * 8  # shard 0 was closed (least recently used) and reopened, not hashed again
+
+
+def test_lazy_verification_with_eviction(tmp_path):
+    """A shard's checksum is checked before its data is first used, once: an evicted, reopened shard is
+    not hashed again, and a damaged one fails when it is first read, naming the file."""
+    build(tmp_path, "arrow", sizes=(3, 4, 5))
+    m = load_manifest(tmp_path / "manifest.json")
+    bad = m.splits["train"].shards[1].parts["concepts"].path
+    blob = bytearray(bad.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a value, not the footer: readable, only the checksum tells
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="concepts-1.arrow.* is corrupted"):
+        open_split(m, "train", verify="open")
+    ds = open_split(m, "train", verify="lazy", max_open=1)
+    assert ds[0]["tokens"].shape == (T + 1,) and ds[11]["tokens"].shape == (T + 1,)
+    assert ds.open_shards == 1
+    with pytest.raises(ValueError, match="concepts-1.arrow.* is corrupted"):
+        ds[3]
+    with pytest.raises(ValueError, match="concepts-1.arrow.* is corrupted"):
+        ds.get_batch([0, 4])
+    only_tokens = open_split(m, "train", verify="lazy", fields=["tokens"], max_open=1)
+    assert only_tokens[4]["tokens"].shape == (T + 1,)  # a part this dataset does not read is not checked
+    assert open_split(m, "train", verify="none")[4]["concept_ids"].shape == (T, K)
+    with pytest.raises(ValueError, match="max_open must be >= 1"):
+        open_split(m, "train", max_open=0)
+
+
+def test_part_paths_resolve_their_folder_once(tmp_path):
+    """Each folder of a manifest is resolved (symlinks followed) and the file name kept as written."""
+    build(tmp_path / "real", "arrow", sizes=(2, 3))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    m = load_manifest(tmp_path / "link" / "manifest.json")
+    assert [sh.parts["tokens"].path for sh in m.splits["train"].shards] == [
+        (tmp_path / "real" / "tokens-0.arrow").resolve(), (tmp_path / "real" / "tokens-1.arrow").resolve()]
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    m.save(nested / "m.json")  # relative paths climb out of nested/ and back into real/
+    data = json.loads((nested / "m.json").read_text())
+    assert data["splits"]["train"]["shards"][1]["parts"]["concepts"]["path"] == "../real/concepts-1.arrow"
+    assert open_split(load_manifest(nested / "m.json"), "train", verify="open")[4]["tokens"].shape == (T + 1,)
+
+
+def test_manifest_text_is_json_dumps_indent_2(tmp_path):
+    """Manifest.save renders shard lists from templates (shards.manifest.dumps): the same text as
+    json.dumps(indent=2), for any split, an empty one, non-ASCII names and entries of another shape."""
+    from shards.manifest import dumps
+
+    m, _ = build(tmp_path, "zarr", sizes=(2, 3))
+    shard = m.splits["train"].shards[0]
+    (tmp_path / "é 1").mkdir()
+    shard.parts["tokens"].path = tmp_path / "é 1" / 'x"y.zarr'
+    m.add_shard("val", 2, shard.parts)
+    m.splits["empty"] = type(m.splits["train"])()
+    data = m.to_json(tmp_path)
+    assert dumps(data) == json.dumps(data, indent=2)
+    assert '"\\u00e9 1/x\\"y.zarr"' in dumps(data)
+    data["splits"]["val"]["shards"][0]["note"] = {"a": [1, 2]}  # not the usual shape: json writes it all
+    assert dumps(data) == json.dumps(data, indent=2)
+    assert dumps({"splits": {}}) == json.dumps({"splits": {}}, indent=2)
