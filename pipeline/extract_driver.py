@@ -9,8 +9,9 @@ retries a shard whose worker died, and writes the manifest. The stage-2 API is
 ``from pipeline.extract import ExtractConfig, run``; pipeline/extract.py is the entry script.
 
 Run once, resume always: one worker writes each concept shard (temporary name + rename), the
-manifest is rewritten after every shard with that shard's checksum (``stats.complete`` stays false
-until the last one), and a rerun of the same command verifies the checksums of finished shards and
+driver records it with its checksum (one small file per shard, pipeline/extract_progress.py) and
+assembles the manifest from the finished shards at checkpoints (``stats.complete`` stays false until
+the last one is in), and a rerun of the same command verifies the checksums of finished shards and
 does only the rest. The finished manifest holds nothing that depends on the run (no times, no
 throughput): killed at any instant and rerun, the same command writes the same bytes. Timings go to
 ``CONCEPT_DIR/runs.jsonl``, one JSON line per invocation. The bytes do not depend on the batch size
@@ -26,15 +27,18 @@ import datetime
 import logging
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
-from pipeline.extract_outputs import command, prepare_concept_dir, stored_settings
+from pipeline.extract_outputs import RECORDS_DIR, command, prepare_concept_dir, stored_settings
 from pipeline.extract_plan import ExtractConfig, Plan, check_space, finished_shards, make_jobs, plan
+from pipeline.extract_progress import Bookkeeper, settings_digest
 from pipeline.extract_runner import label_stats, record_fields
 from pipeline.extract_worker import ExtractWorker, Progress, ShardJob, ShardResult
 from shards import Manifest, ShardPart
+from shards.records import remove_records
 from shards.runlog import RUN_LOG, append_run, read_runs
 
 log = logging.getLogger("pipeline.extract")
@@ -87,23 +91,33 @@ def run(cfg: ExtractConfig) -> Manifest:
         "command": command(cfg), "manifest": str(cfg.manifest_path.absolute()),
         "shards": {"total": len(jobs), "verified": len(done), "to_do": len(todo)}, "per_shard": [],
     }
+    records = cfg.concept_dir / RECORDS_DIR
     try:
-        # Rewritten after every shard (intermediate: whole shards only, complete false, nothing run-dependent):
-        # O(shards^2) bytes over a run, small next to the shards up to thousands of them; the finished
-        # manifest is the same bytes whatever the interruption point.
+        # Intermediate manifests (whole shards only, complete false, nothing run-dependent) are assembled
+        # from the finished shards at checkpoints, each finished shard being recorded once in between
+        # (pipeline/extract_progress.py): the finished manifest is the same bytes whatever the interruption point.
         def save() -> Manifest:
             return build_manifest(p, done, jobs, {"complete": False}).save(cfg.manifest_path)
 
+        book = Bookkeeper(records, settings_digest(p.settings), len(jobs), save)
         if todo:
             save()
             log.info("%d of %d shard(s) to do (%d verified and skipped)", len(todo), len(jobs), len(done))
             n_workers = cfg.num_workers or (int(ray.cluster_resources().get("GPU", 0)) if p.use_gpu else 1)
             n_workers = max(1, min(n_workers, len(todo)))
-            _execute(p, todo, done, n_workers, save, record)
+            try:
+                _execute(p, todo, done, n_workers, book, record)
+            finally:
+                if book.pending:  # the records hold them anyway; the manifest shows them to a reader too
+                    try:
+                        book.checkpoint()
+                    except Exception as e:  # e.g. a full disk: the error that stopped the run is the one to report
+                        log.warning("could not update the manifest after stopping: %s", e)
         m = build_manifest(p, done, jobs, {})
         labels = label_stats(m)  # from the shards: a resumed run reports exactly what an uninterrupted one does
         m.stats = {"complete": True, "labels": labels}
         m.save(cfg.manifest_path)
+        remove_records(records)  # the complete manifest holds what they said
         record["outcome"] = "complete"
     except KeyboardInterrupt:
         record["outcome"] = "interrupted"
@@ -130,9 +144,11 @@ def _our_error(e: Exception) -> Exception:
     return e
 
 
-def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_workers: int, save, record: dict) -> None:
-    """Run ``todo`` on ``n_workers`` actors, saving the manifest after every shard; timings go to
-    ``record`` (the run log's line), never to the manifest."""
+def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_workers: int, book: Bookkeeper,
+             record: dict) -> None:
+    """Run ``todo`` on ``n_workers`` actors, recording each finished shard with ``book`` (which
+    assembles the manifest at checkpoints); timings go to ``record`` (the run log's line), never to
+    the manifest."""
     import ray
     from tqdm import tqdm
 
@@ -156,7 +172,7 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_worker
         raise _our_error(e) from None
     log.info("%d %s worker(s) ready, batch size %d", n_workers, device.upper(), cfg.batch_size)
 
-    queue = list(todo)
+    queue = deque(todo)
     retries: dict[str, int] = {}
     pending: dict[Any, tuple[ShardJob, Any]] = {}
     idle = list(actors)
@@ -167,7 +183,7 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_worker
     try:
         while queue or pending:
             while queue and idle:
-                job, actor = queue.pop(0), idle.pop(0)
+                job, actor = queue.popleft(), idle.pop(0)
                 pending[actor.run_shard.remote(job)] = (job, actor)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
@@ -193,7 +209,7 @@ def _execute(p: Plan, todo: list[ShardJob], done: dict[str, ShardPart], n_worker
                 record["per_shard"].append({"shard": job.key, "windows": job.windows, **res.stats.to_json(),
                                             "seconds": round(res.seconds, 2)})
                 tokens_done += res.stats.tokens
-                save()
+                book.finished(job, res.part)
                 s = res.stats
                 bar.write(f"shard {job.key}: {job.windows} windows, {s.tokens:,} tokens in {res.seconds:.1f} s "
                           f"({s.tokens / max(res.seconds, 1e-9):,.0f} tok/s), {100 * s.short / max(1, s.tokens):.1f}% "
@@ -226,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``python pipeline/extract.py``: 0, 2 with one ``error:`` line (common/cli.py), 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run_cli(_main, argv, interrupted="interrupted: finished shards are in the manifest; run the same "
+    return run_cli(_main, argv, interrupted="interrupted: finished shards are recorded; run the same "
                                             "command again to resume")
 
 

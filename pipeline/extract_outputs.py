@@ -2,9 +2,10 @@
 
 Nothing of the user's is replaced (docs/operations.md): ``--manifest`` must be absent or a concept
 manifest of this same extraction, the concept directory must hold only files this command writes,
-and ``--overwrite`` replaces only those (shards, extraction.json, runs.jsonl, temporaries) and a
-cocomix concept manifest. Every refusal is one line naming what is there, which settings differ,
-and the exact command to keep it (another ``--manifest``) or to replace it (``--overwrite``).
+and ``--overwrite`` replaces only those (shards, extraction.json, runs.jsonl, the records folder of a
+run in progress, temporaries) and a cocomix concept manifest. Every refusal is one line naming what
+is there, which settings differ, and the exact command to keep it (another ``--manifest``) or to
+replace it (``--overwrite``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ if TYPE_CHECKING:
     from pipeline.extract_plan import ExtractConfig
 
 EXTRACTION_FILE = "extraction.json"  # the settings of the extraction a concept directory holds
-# The only names this command writes in a concept directory: shards, the two files above, and the
+RECORDS_DIR = "records"  # one record per finished shard while a run is in progress (pipeline/extract_progress.py)
+# The only names this command writes in a concept directory: shards, the two files and the folder above, the
 # temporaries of shards.atomic / shards.PartWriter (".NAME.tmp-<8 hex>").
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.(arrow|zarr)$")
 _TEMPORARY = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}$")
+# In RECORDS_DIR: a record (shards.records) per shard, ``train-00003.arrow.json``, and its temporary.
+_RECORD = re.compile(r"^(?:[A-Za-z0-9_]+-\d{5}\.(?:arrow|zarr)\.json"
+                     r"|\.[A-Za-z0-9_]+-\d{5}\.(?:arrow|zarr)\.json\.tmp)$")
 
 
 def extraction_settings(m: Manifest) -> dict:
@@ -57,12 +62,15 @@ def stored_settings(settings: dict) -> dict:
 
 def _ours(entry: Path) -> bool:
     """Whether an entry of a concept directory is one this command wrote: its record files, its
-    temporaries, and shards whose content is a cocomix shard (a user's ``train-00042.arrow`` is not)."""
+    temporaries, its records folder (holding only shard records), and shards whose content is a
+    cocomix shard (a user's ``train-00042.arrow`` is not)."""
     t = _TEMPORARY.match(entry.name)
     if t:
         return t.group(1) in (EXTRACTION_FILE, RUN_LOG) or bool(_SHARD_NAME.match(t.group(1)))
     if entry.name in (EXTRACTION_FILE, RUN_LOG):
         return True
+    if entry.name == RECORDS_DIR and entry.is_dir() and not entry.is_symlink():
+        return all(_RECORD.match(f.name) and f.is_file() for f in entry.iterdir())
     return bool(_SHARD_NAME.match(entry.name)) and is_cocomix_shard(entry)
 
 

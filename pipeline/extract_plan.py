@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.extract_outputs import check_output, check_paths, extraction_settings, size_text
+from pipeline.extract_outputs import RECORDS_DIR, check_output, check_paths, extraction_settings, size_text
+from pipeline.extract_progress import part_from_record, record_key, settings_digest
 from pipeline.extract_runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from pipeline.extract_worker import ShardJob
 from pipeline.stage1_config import TokenizeConfig
@@ -30,6 +31,7 @@ from shards import Manifest, ShardPart, checksum, load_manifest
 from shards.checksum import disk_bytes
 from shards.manifest import inspect_path
 from shards.options import StoreOptions
+from shards.records import read_records
 
 log = logging.getLogger("pipeline.extract")
 
@@ -302,17 +304,28 @@ def make_jobs(p: Plan) -> list[ShardJob]:
 
 
 def finished_shards(p: Plan, jobs: list[ShardJob]) -> dict[str, ShardPart]:
-    """Shards of a previous run whose manifest entry, token shard and checksum all still hold."""
-    old = None if p.cfg.overwrite else inspect_path(p.cfg.manifest_path).manifest  # check_paths refused anything else
-    if old is None or extraction_settings(old) != p.settings:
+    """Shards a previous run finished whose checksum still holds: those its records list
+    (pipeline/extract_progress.py; a run in progress) and those its manifest lists (a finished run, a
+    checkpoint, or a run of a version before records), for the same settings and token shard."""
+    if p.cfg.overwrite:
         return {}
-    by_path = {str(sh.parts["concepts"].path): sh for s in old.splits.values() for sh in s.shards}
+    digest = settings_digest(p.settings)
+    records = read_records(p.cfg.concept_dir / RECORDS_DIR)
+    old = inspect_path(p.cfg.manifest_path).manifest  # check_paths refused anything else
+    by_path = {}
+    if old is not None and extraction_settings(old) == p.settings:
+        by_path = {str(sh.parts["concepts"].path): sh for s in old.splits.values() for sh in s.shards}
+    concept_dir = str(p.cfg.concept_dir.resolve())  # load_manifest resolves each folder (shards/manifest.py)
     done = {}
     for job in jobs:
-        sh = by_path.get(str(Path(job.out).resolve()))
-        if sh is None or sh.parts["tokens"].checksum != job.tokens.checksum or sh.windows != job.windows:
-            continue
-        part = sh.parts["concepts"]
+        rec = records.get(record_key(job))
+        part = part_from_record(job, rec, digest) if rec is not None else None
+        if part is None:
+            sh = by_path.get(f"{concept_dir}/{Path(job.out).name}")
+            if sh is None or sh.parts["tokens"].checksum != job.tokens.checksum or sh.windows != job.windows:
+                continue
+            # the job's own path, as a worker returns it: the same relative path in the manifest either way
+            part = dataclasses.replace(sh.parts["concepts"], path=Path(job.out))
         if part.path.exists() and checksum(part.path) == part.checksum:
             done[job.key] = part
         else:
