@@ -25,6 +25,7 @@ BENCHES = {
     "extract": (["--teacher", "{teacher}", "--layer", "1", "--json", "{tmp}/r.json"], "(a) ours vs reference"),
     "train": (["--threads", "1", "--json", "{tmp}/r.json"], "(c) loader"),
     "verify": (["--dir", "{tmp}/b"], "extrapolated open-time verification of a 10B tokens extraction"),
+    "manifest": (["--dir", "{tmp}/m"], "stage 2 bookkeeping per shard (ms)"),
     "scale_model": (["--markdown"], "| stage | K = 1 | K = 8 | K = 64 |"),
 }
 
