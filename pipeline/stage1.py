@@ -208,12 +208,17 @@ def _execute_ray(ctx: TaskContext, tasks: list[Task], previous: dict[str, dict],
     """Ray tasks, at most ``n_workers`` in flight: each finished one frees a slot for the next."""
     import ray
 
+    from common.storage import client_env, is_url
     from pipeline.raylib import cpus_per_actor, init_ray
 
     mode = init_ray(ctx.cfg.ray_address)
     n_workers = ctx.cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     log.info("%d task(s) on %d Ray worker(s) (Ray: %s)", len(tasks), n_workers, mode)
-    remote = ray.remote(run_remote).options(num_cpus=cpus_per_actor(n_workers), max_retries=2)
+    # Workers open the corpus themselves: a bucket's endpoint and credentials go with them, since a
+    # worker's environment is its node's, not this process's (docs/operations.md, "Object storage").
+    env = client_env() if any(is_url(r.location) for t in tasks for r in t.ranges) else {}
+    remote = ray.remote(run_remote).options(num_cpus=cpus_per_actor(n_workers), max_retries=2,
+                                            **({"runtime_env": {"env_vars": env}} if env else {}))
     ctx_ref, payload_ref = ray.put(ctx), ray.put(encoder_payload(tokenizer))
     queue = list(tasks)
     pending: dict = {}

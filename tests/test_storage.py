@@ -355,7 +355,9 @@ def test_ray_job_accepts_urls(monkeypatch, tmp_path):
 # -- stage 1 end to end ----------------------------------------------------------------------------------
 
 
-def test_stage1_from_s3_writes_the_same_shards_as_local(s3, tmp_path, tiny_tokenizer_dir):
+def test_stage1_from_s3_writes_the_same_shards_as_local(s3, tmp_path, tiny_tokenizer_dir, ray_local):
+    """The bucket is read by Ray workers (the test's Ray started before the test set its variables, so
+    they reach the server only if stage 1 hands them on); the local copy in-process."""
     from pipeline.stage1 import TokenizeConfig, run
 
     root = make_tree(tmp_path / "c")
@@ -363,7 +365,8 @@ def test_stage1_from_s3_writes_the_same_shards_as_local(s3, tmp_path, tiny_token
     manifests = {}
     for name, corpus in (("local", str(root)), ("s3", s3.url("corpus/"))):
         cfg = TokenizeConfig(corpus=[corpus], tokenizer=str(tiny_tokenizer_dir), out=str(tmp_path / name),
-                             seq_len=16, val_fraction=0.2, in_process=True, shard_mb=0.002)
+                             seq_len=16, val_fraction=0.2, in_process=name == "local", shard_mb=0.002,
+                             num_workers=2)
         manifests[name] = run(cfg)
     shards = {name: {p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
                      for p in sorted((tmp_path / name).rglob("*"))
@@ -375,6 +378,7 @@ def test_stage1_from_s3_writes_the_same_shards_as_local(s3, tmp_path, tiny_token
     assert remote["sources"] == [s3.url("corpus/")]
 
 
+@pytest.mark.slow  # ~40 s beside the stage-1 test above, which proves the Ray path already
 def test_stage2_corpus_shortcut_reads_s3(s3, tmp_path, tiny_teacher_dir, ray_local, capsys):
     """``pipeline/extract.py --corpus s3://...`` runs stage 1 from the bucket, then stage 2."""
     from pipeline.extract import main
