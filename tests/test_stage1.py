@@ -200,3 +200,19 @@ def test_owt_train_with_smollm2(tmp_path):
     assert sum(s.extra["stream_tokens"] for s in m.splits.values()) == total
     for s in m.splits.values():
         assert s.extra["stream_tokens"] == s.windows * 512 + s.extra["packed_streams"] + s.extra["tail_tokens"]
+
+
+def test_a_task_error_on_ray_is_one_line(tmp_path, tiny_tokenizer_dir):
+    """A bad record read by a Ray worker (a later task of the plan) reaches the user as the worker's own
+    one-line ValueError, naming the file and the byte offset, not a Ray traceback."""
+    import json
+
+    lines = [json.dumps({"text": d}) for d in owt_documents(12)] + ["not json"]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = TokenizeConfig(corpus=[str(tmp_path / "c.jsonl")], tokenizer=str(tiny_tokenizer_dir),
+                         out=str(tmp_path / "o"), seq_len=T, task_mb=0.01, num_workers=2)
+    with pytest.raises(ValueError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert "c.jsonl (the line at byte" in msg and "not valid JSON" in msg and "\n" not in msg, msg
+    assert type(e.value) is ValueError
