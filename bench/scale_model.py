@@ -132,6 +132,11 @@ class Inputs:
                 self.missing.append(f"{self.results / name} has no {'.'.join(map(str, path))}: rerun `{cmd}`")
                 return
             v = v[p]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            name, cmd, _ = INPUTS[input_key]
+            self.missing.append(f"{self.results / name}: {'.'.join(map(str, path))} is {v!r}, not a number: "
+                                f"rerun `{cmd}`")
+            return
         self.figs[key] = Fig(float(v), source)
 
     @staticmethod
@@ -164,7 +169,11 @@ class Inputs:
         self._put("m_bookkeeping_s_per_shard", d, ("bookkeeping_s_per_shard", str(d.get("shards"))), s, "manifest")
 
     def _extract(self, cpu: dict | None, gpu: dict | None) -> None:
-        if cpu is not None:
+        if cpu is not None and cpu.get("setup", {}).get("device", "cpu") != "cpu":
+            name, cmd, _ = INPUTS["extract"]
+            self.missing.append(f"{self.results / name} was measured on {cpu['setup']['device']}, not a CPU: "
+                                f"rerun `{cmd}` (a GPU run goes to {INPUTS['extract_gpu'][0]})")
+        elif cpu is not None:
             s = self._src("extract.json", cpu)
             actors = cpu.get("c_actors")
             if actors:  # the whole Ray pipeline, one actor with threads_per_actor threads

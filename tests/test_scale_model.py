@@ -147,3 +147,16 @@ def test_update_replaces_only_the_marked_region(tmp_path):
     with pytest.raises(ValueError, match="no single .* region"):
         sm.update_doc(doc, "x")
     assert doc.read_text() == "no markers\n"
+
+
+def test_inputs_of_the_wrong_kind_are_named(tmp_path):
+    ex = json.loads(json.dumps(sm.SMOKE["extract.json"]))
+    ex["setup"]["device"] = "cuda:0"  # a GPU run saved where the CPU figures go
+    (tmp_path / "extract.json").write_text(json.dumps(ex))
+    s1 = dict(sm.SMOKE["stage1.json"], driver_cpu_s_per_shard=None)
+    (tmp_path / "stage1.json").write_text(json.dumps(s1))
+    res = model(tmp_path, drop=("extract.json", "stage1.json"))
+    assert any("extract.json was measured on cuda:0, not a CPU" in m and "extract-gpu.json" in m
+               for m in res["missing"])
+    assert any("driver_cpu_s_per_shard is None, not a number" in m for m in res["missing"])
+    assert "checksum_gbps" not in res["figures"] and "s1_driver_s_per_shard" not in res["figures"]
