@@ -28,7 +28,7 @@ lint: install
 
 bench: install
 	$(PY) bench/store.py
-	$(PY) bench/stage1.py
+	$(PY) bench/stage1.py --json bench/results/stage1.json
 	$(PY) bench/sae_speed.py
 	$(PY) bench/extract.py --json bench/results/extract.json
 	$(PY) bench/train.py
