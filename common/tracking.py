@@ -7,7 +7,8 @@ rows, as they are written, to the sinks a command's :class:`TrackingOptions` ask
   key, nested dicts joined with ``/``), written and flushed in the calling thread with each row.
 - Weights & Biases: one run per output directory, its id kept in ``OUT/wandb_run.json`` so that a
   rerun of the same command continues the same W&B run; W&B's local files go to ``OUT/wandb/``
-  unless ``WANDB_DIR`` says otherwise.
+  unless ``WANDB_DIR`` says otherwise. When online W&B is unavailable (no API key, no network) the
+  run logs offline and says how to upload it (``wandb sync``).
 
 Rules every command relies on (README, "Safe to operate"):
 
@@ -181,7 +182,18 @@ class _WandB:
         # The user's WANDB_DIR wins, else beside the run's files; passed explicitly because W&B keeps the
         # settings of its first run in a process (recipes train several students in one process).
         kw["dir"] = os.environ.get("WANDB_DIR") or str(out)
-        self.run = wandb.init(**kw)
+        try:
+            self.run = wandb.init(**kw)
+        except Exception as e:
+            if kw.get("mode", os.environ.get("WANDB_MODE", "online")) == "offline":
+                raise
+            # Online W&B unavailable (no API key, no network): keep the run's rows locally instead of losing
+            # them; `wandb sync` uploads them later.
+            kw["mode"] = "offline"
+            self.run = wandb.init(**kw)
+            print(f"warning: W&B online not available ({one_line(e).rstrip('.')}): logging offline under "
+                  f"{kw['dir']}/wandb; upload later with: wandb sync {kw['dir']}/wandb/offline-run-*",
+                  file=sys.stderr, flush=True)
         # A resumed run may have changed free settings (workers, log_every, ...): the latest values win.
         self.run.config.update(config, allow_val_change=True)
         self.first_new = int(getattr(self.run, "step", 0) or 0)
@@ -233,7 +245,7 @@ class Tracker:
 
     def _drop(self, sink, e: Exception, when: str) -> None:
         self.sinks.remove(sink)
-        print(f"warning: {sink.name} logging stopped {when}: {one_line(e)}; training goes on and "
+        print(f"warning: {sink.name} logging stopped {when}: {one_line(e).rstrip('.')}; training goes on and "
               "metrics.jsonl has every step", file=sys.stderr, flush=True)
         try:
             sink.close(failed=True)
@@ -280,7 +292,7 @@ def start(opts: TrackingOptions, out: Path, *, step: int, config: dict[str, Any]
         try:
             sinks.append(make())
         except Exception as e:
-            print(f"warning: {name} logging not started: {one_line(e)}; training goes on without it and "
+            print(f"warning: {name} logging not started: {one_line(e).rstrip('.')}; training goes on without it and "
                   "metrics.jsonl has every step", file=sys.stderr, flush=True)
     return Tracker(sinks)
 

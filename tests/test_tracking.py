@@ -223,6 +223,29 @@ def test_a_failing_sink_warns_once_and_the_run_goes_on(data, tmp_path, monkeypat
     assert sorted(tb_scalars(out / "tb")["loss"]) == [1, 2]
 
 
+def test_wandb_online_unavailable_falls_back_to_offline(tmp_path, offline_wandb, monkeypatch, capfd):
+    """No API key / no network for --wandb-mode online: the rows are kept offline, with the sync command
+    (the online attempt is simulated: a test never reaches a server)."""
+    import wandb
+
+    real_init = wandb.init
+
+    def no_server(**kw):
+        if kw.get("mode") != "offline":
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+        return real_init(**kw)
+
+    monkeypatch.setattr(wandb, "init", no_server)
+    opts = tracking.TrackingOptions(wandb="p", wandb_mode="online")
+    t = tracking.start(opts, tmp_path, step=0, config={"a": 1}, run_name="r")
+    t.log({"step": 1, "loss": 2.0}, 1)
+    t.close()
+    err = capfd.readouterr().err
+    assert "warning: W&B online not available (No API key configured" in err and "wandb sync" in err
+    (run,) = (offline_wandb / "wandb").glob("offline-run-*")
+    assert wandb_run(run)[2] == {1: {"loss": 2.0}}
+
+
 def _cli(module: str, argv: list[str], capfd) -> tuple[int, str]:
     import importlib
 
