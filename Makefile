@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/demo
 CORPUS ?=
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow demo lint bench scale clean
 
 $(VENV)/.cocomix-installed: pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV)
@@ -34,6 +34,14 @@ bench: install
 	$(PY) bench/train.py
 	$(PY) bench/manifest.py --json bench/results/manifest.json
 	$(PY) bench/scale_model.py  # docs/scaling.md: the scaling model from the JSON files above
+
+# Only the benches the scaling model reads, then docs/scaling.md's tables regenerated (fails while an
+# input is missing). GPU figures: bench/results/h200-2026.json, or a GPU run saved as *-gpu.json there.
+scale: install
+	$(PY) bench/stage1.py --json bench/results/stage1.json
+	$(PY) bench/manifest.py --json bench/results/manifest.json
+	$(PY) bench/extract.py --json bench/results/extract.json
+	$(PY) bench/scale_model.py --strict --update docs/scaling.md
 
 clean:
 	rm -rf $(RUN) .pytest_cache
