@@ -1,7 +1,7 @@
-"""Exported students under lm-evaluation-harness, offline: a loglikelihood task and a multiple-choice
-task from tests/fixtures/lm_eval/ (a YAML and a JSONL each) run through `lm_eval --model hf` on an
-exported NTP student (GPT2LMHeadModel) and an exported CoCoMix student (trust_remote_code); the
-harness's log-likelihoods equal our own computation (docs/export.md)."""
+"""Exported students under lm-evaluation-harness, offline: a loglikelihood task, a multiple-choice task
+and a rolling-loglikelihood (WikiText-style) task from tests/fixtures/lm_eval/ (a YAML and a JSONL each)
+run through `lm_eval --model hf` on an exported NTP student (GPT2LMHeadModel) and an exported CoCoMix
+student (trust_remote_code); the harness's log-likelihoods equal our own computation (docs/export.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from trainer.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
-TASKS = ("cocomix_tiny_lambada", "cocomix_tiny_choice")
+TASKS = ("cocomix_tiny_lambada", "cocomix_tiny_choice", "cocomix_tiny_wikitext")
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -64,6 +64,21 @@ def our_loglikelihood(model, tok, context: str, continuation: str) -> float:
     return float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole))))
 
 
+def our_rolling_loglikelihood(model, ids: list[int], prefix: int, n_ctx: int) -> float:
+    """log p(whole text) scored as the harness's rolling windows are: ``n_ctx`` tokens predicted per
+    window, the first window after ``prefix``, each window reading the ``n_ctx`` inputs that end just
+    before its last target (so a short last window sees earlier tokens again)."""
+    padded = [prefix, *ids]  # padded[i] is the input that predicts ids[i]
+    total = 0.0
+    for s in range(0, len(ids), n_ctx):
+        e = min(s + n_ctx, len(ids))
+        inp = torch.tensor([padded[max(0, e - n_ctx):e]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inp).logits[0].float(), -1)[-(e - s):]
+        total += float(sum(logp[i, t] for i, t in enumerate(ids[s:e])))
+    return total
+
+
 @pytest.mark.parametrize("mode", ["ntp", "cocomix"])
 def test_lm_eval_runs_offline_on_an_exported_student(tmp_path, tiny_tokenizer_dir, mode):
     from transformers import AutoTokenizer
@@ -77,7 +92,8 @@ def test_lm_eval_runs_offline_on_an_exported_student(tmp_path, tiny_tokenizer_di
     assert 0.0 <= ll["acc,none"] <= 1.0 and 0.0 <= mc["acc,none"] <= 1.0 and 0.0 <= mc["acc_norm,none"] <= 1.0
     assert ll["perplexity,none"] > 1.0
     assert len(samples["cocomix_tiny_lambada"]) == 6 and len(samples["cocomix_tiny_choice"]) == 5
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert 1.0 < res["cocomix_tiny_wikitext"]["word_perplexity,none"] < float("inf")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     for s in samples["cocomix_tiny_lambada"]:
         got = s["filtered_resps"][0][0]
         want = our_loglikelihood(ours, tok, s["doc"]["context"], s["doc"]["continuation"])
@@ -88,3 +104,12 @@ def test_lm_eval_runs_offline_on_an_exported_student(tmp_path, tiny_tokenizer_di
         want = [our_loglikelihood(ours, tok, context, " " + c) for c in s["doc"]["choices"]]
         assert max(abs(a - b) for a, b in zip(lls, want, strict=True)) < 1e-3, (s["doc"], lls, want)
         assert s["acc"] == float(int(torch.tensor(want).argmax()) == s["doc"]["label"])
+    # Rolling windows of the model's context (48 positions): the long page needs several.
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    lengths = []
+    for s in samples["cocomix_tiny_wikitext"]:
+        ids = tok.encode(s["doc"]["page"], add_special_tokens=False)
+        lengths.append(len(ids))
+        want = our_rolling_loglikelihood(ours, ids, prefix, ours.cfg.block_size)
+        assert abs(float(s["filtered_resps"][0]) - want) < 1e-3, (len(ids), s["filtered_resps"], want)
+    assert min(lengths) < 48 < 2 * 48 < max(lengths)
