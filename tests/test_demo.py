@@ -29,6 +29,7 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, tiny_teacher_dir, capsys):
     assert (run / "val_curves.png").stat().st_size > 1000
     assert (mdir / "demo.json").is_file() and (mdir / "demo-tokens.json").is_file()
     assert summary["generation"]["steer"].endswith("=10.0") and "steered" in out
+    assert (run / "browser" / "index.html").is_file() and f"file://{run.absolute()}/browser/index.html" in out
     # Rerunning reuses every completed step: same SAE, same manifest, same curves.
     sae_mtime = (run / "sae" / "sae_weights.safetensors").stat().st_mtime_ns
     assert main(args) == 0
