@@ -142,7 +142,7 @@ class Inputs:
     @staticmethod
     def _src(name: str, d: dict, machine: str | None = None) -> str:
         when = d.get("measured") or d.get("setup", {}).get("measured") or "undated"
-        mach = machine or d.get("setup", {}).get("device_name") or d.get("device") or "this machine"
+        mach = d.get("machine") or machine or d.get("setup", {}).get("device_name") or d.get("device") or "this machine"
         return f"{name} ({mach}, {when})"
 
     def _stage1(self, d: dict | None) -> None:
@@ -493,7 +493,7 @@ def compute(inp: Inputs) -> dict:
             n = f["m_shards"].value
             x = shards / n  # bench/manifest.py's figures at n shards, taken as linear in the shard count
             notes.append(f"manifest load {f['m_load_s'].value * x:.2f} s, open_split "
-                         f"{f['m_open_split_s'].value * x:.2f} s and {f['m_open_split_mb'].value * x:,.0f} MB at "
+                         f"{f['m_open_split_s'].value * x:.2f} s and {f['m_open_split_mb'].value * x:,.1f} MB at "
                          f"{shards:,} shards (measured at {n:,.0f} shards, taken as linear in shards)")
         rows = {label: {str(k): asdict(build(inp, tokens, k)) for k in inp.cfg.nodes} for label, _, build in ROWS}
         out["corpora"][name] = {"tokens": tokens, "layout": asdict(lay), "notes": notes, "rows": rows}
