@@ -167,6 +167,9 @@ def main() -> None:
     if a.smoke:  # the driver only: starting Ray alone takes ~15 s here (stage 1 on Ray: tests/test_stage1.py)
         variants = variants[:1]
     else:
+        # Ray starts its workers at nice 15 (its worker_niceness default): on a shared machine they would
+        # get a fraction of the CPU the driver-only variant gets. Same niceness for every variant.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         init_ray("local")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
