@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     for what, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {what}")
     if a.json:
-        out = {"shards": a.shards, "small": a.small, "load_average": load1, "cpus": os.cpu_count(),
+        out = {"measured": time.strftime("%Y-%m-%d", time.gmtime()), "machine": f"{platform.machine()}, "
+               f"{os.cpu_count()} CPUs", "shards": a.shards, "small": a.small, "load_average": load1,
+               "cpus": os.cpu_count(),
                "load_s": large["load_s"], "load_mb": large["load_mb"], "open_split_s": large["open_split_s"],
                "open_split_mb": large["open_split_mb"], "read_ms_per_window": large["read_ms_per_window"],
                "data_identity_s": large["data_identity_s"], "manifest_mb": large["manifest_mb"],
