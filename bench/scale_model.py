@@ -71,6 +71,11 @@ class ScaleConfig:
     """Cluster sizes K: CPU nodes for stage 1, GPUs for stage 2 and training."""
     cores_per_node: int = 32
     """CPU cores per stage-1 node (an assumption: no bench measures a cluster)."""
+    task_mb: float | None = None
+    """Stage 1's --task-mb to model (default: stage 1's own default): input bytes per task."""
+    shard_mb: float | None = None
+    """Stage 1's --shard-mb to model (default: stage 1's own default). Each task writes at least one shard,
+    so the shard count is at least the task count and at least the token bytes / --shard-mb."""
     storage_gbps: float = 2.0
     """Aggregate bandwidth of the shared file system in GB/s, reads and writes together (an assumption,
     not measured: EFS / NFS give roughly 0.5-3, Lustre / FSx 10 and more)."""
@@ -80,6 +85,9 @@ class ScaleConfig:
             raise ValueError(f"--nodes must be positive cluster sizes, got {self.nodes}")
         if self.cores_per_node < 2:
             raise ValueError(f"--cores-per-node must be >= 2 (the driver keeps one), got {self.cores_per_node}")
+        for k in ("task_mb", "shard_mb"):
+            if getattr(self, k) is not None and getattr(self, k) <= 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(self, k)}")
         if self.storage_gbps <= 0:
             raise ValueError(f"--storage-gbps must be > 0, got {self.storage_gbps}")
 
@@ -290,6 +298,9 @@ def layout(inp: Inputs, tokens: float) -> Layout:
     from pipeline.stage1_config import TokenizeConfig
 
     d = {f.name: f.default for f in fields(TokenizeConfig)}
+    for k in ("task_mb", "shard_mb"):  # the model's flags, when given, stand for stage 1's
+        if getattr(inp.cfg, k) is not None:
+            d[k] = getattr(inp.cfg, k)
     shard = int(d["shard_mb"] * 1e6) // ((d["seq_len"] + 1) * 2) * d["seq_len"]
     if "task_mb" not in d:  # one driver packs the whole stream
         n = math.ceil(tokens / shard)

@@ -160,3 +160,14 @@ def test_inputs_of_the_wrong_kind_are_named(tmp_path):
                for m in res["missing"])
     assert any("driver_cpu_s_per_shard is None, not a number" in m for m in res["missing"])
     assert "checksum_gbps" not in res["figures"] and "s1_driver_s_per_shard" not in res["figures"]
+
+
+def test_task_and_shard_sizes_can_be_modelled(tmp_path):
+    lay = model(tmp_path, task_mb=512.0, shard_mb=100.0)["corpora"]["1T tokens"]["layout"]
+    m = json.loads((ROOT / "manifests/owt.json").read_text())
+    per_task = 512e6 / (m["corpus"]["bytes"] / sum(s["stream_tokens"] for s in m["splits"].values()))
+    shard = (100_000_000 // (513 * 2)) * 512
+    assert lay["tasks"] == math.ceil(1e12 / per_task)
+    assert lay["shards"] == lay["tasks"] * math.ceil(per_task / shard) == lay["tasks"] * 3  # 118.6M / 49.9M
+    with pytest.raises(ValueError, match="--shard-mb must be > 0"):
+        sm.ScaleConfig(shard_mb=0)
