@@ -235,6 +235,11 @@ def _execute_ray(ctx: TaskContext, tasks: list[Task], previous: dict[str, dict],
                 except ray.exceptions.RayTaskError as e:  # our own code raised: one line for the CLI
                     cause = getattr(e, "cause", None)
                     raise (ValueError(str(cause)) if isinstance(cause, ValueError) else e) from None
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.ObjectLostError) as e:  # after Ray's own retries (max_retries)
+                    raise ValueError(f"task {t.index}: its worker died 3 times ({type(e).__name__}; out of memory?); "
+                                     "lower --num-workers or --task-mb and rerun the same command (finished tasks "
+                                     "are kept)") from None
                 finished(t, rec, was_reused)
     finally:
         for ref in pending:  # an error or Ctrl-C: no task keeps writing into --out behind our back
