@@ -134,6 +134,13 @@ def test_cocomix_student_loads_with_remote_code(tmp_path, tokenizer, concept):
         alone = ours(x[1:2, 9:]).logits
         torch.testing.assert_close(padded[1, 9:], alone[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(padded[0], a.logits[0], rtol=1e-5, atol=1e-5)
+        # The KV cache, fed in pieces (several tokens, one, the rest), with padding and steering.
+        cache = sys.modules[type(hf).__module__].CocomixCache(4)
+        pieces = [hf(x[:, a_:b_], attention_mask=mask[:, :b_], steer=steer, steer_from=10, cocomix_cache=cache)
+                  for a_, b_ in ((0, 20), (20, 21), (21, 48))]
+        torch.testing.assert_close(torch.cat([p.logits for p in pieces], 1),
+                                   hf(x, attention_mask=mask, steer=steer, steer_from=10).logits, rtol=1e-5, atol=1e-5)
+        assert cache.n_tokens == 48
 
 
 def test_cocomix_generate_and_steering_equal_trainer_generate(tmp_path, tokenizer):
@@ -155,13 +162,27 @@ def test_cocomix_generate_and_steering_equal_trainer_generate(tmp_path, tokenize
     assert hf.generate(ids, max_new_tokens=24, do_sample=False, steer=steer)[0, 7:].tolist() == steered
     assert hf_steered.generate(ids, max_new_tokens=24, do_sample=False)[0, 7:].tolist() == steered
     assert hf_steered.generate(ids, max_new_tokens=24, do_sample=False, steer={})[0, 7:].tolist() == base
-    # A batch with left padding generates what each prompt generates alone.
+    # Without the KV cache (recomputing every step): the same tokens and step logits.
+    for kw in ({}, {"steer": steer}):
+        a = hf.generate(ids, max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                        **kw)
+        b = hf.generate(ids, max_new_tokens=24, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                        use_cache=False, **kw)
+        assert torch.equal(a.sequences, b.sequences)
+        for x, y in zip(a.scores, b.scores, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    # A batch with left padding generates what each prompt generates alone, with and without the cache.
     short = TOKENS[10:14]
     batch = torch.tensor([prompt, [eos] * 3 + short])
     mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
-    out = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=eos)
-    alone = generate(ours, short, 8, temperature=0.0, eos_id=eos).tokens
-    assert out[1, 7:7 + len(alone)].tolist() == alone
+    alone = generate(ours, short, 8, temperature=0.0, steer=steer, eos_id=eos).tokens
+    for use_cache in (True, False):
+        out = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=eos,
+                          steer=steer, use_cache=use_cache)
+        assert out[1, 7:7 + len(alone)].tolist() == alone
+        assert out[0, 7:].tolist() == steered[:8]
+    # Beam search recomputes (transformers reorders only its own cache) and still runs.
+    assert hf.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False).shape == (1, 11)
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,6 @@ def model_card(step_dir: Path, cfg: dict[str, Any], architecture: str, params: i
             "multiplies that concept's predicted logit before TopK in every forward call; "
             "`model.generate(..., steer={ID: SCALE})`",
             "overrides it and, like `python -m trainer.generate --steer`, steers from the last prompt position on.",
-            "The outputs carry `concept_logits` and `concept_ids`. Generation recomputes the sequence each step "
-            "(no KV cache).",
+            "The outputs carry `concept_logits` and `concept_ids`.",
         ]
     return "\n".join(lines) + "\n"

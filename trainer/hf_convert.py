@@ -116,7 +116,7 @@ def cocomix_config(model: GPT, eos_id: int | None, steer: dict[int, float]) -> d
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
         "tie_word_embeddings": True,
-        "use_cache": False,  # generation recomputes the sequence (modeling_cocomix.py has no KV cache)
+        "use_cache": True,  # modeling_cocomix.py's own KV cache in greedy decoding and sampling
     }
 
 

@@ -13,7 +13,11 @@ positions counted over the real tokens and keeps padded keys out of attention.
 Steering (docs/method.md section 2.6): ``steer={concept_id: scale}`` multiplies that concept's
 predicted logit before TopK, at positions >= ``steer_from``; ``config.steer`` is the default for every
 call. ``generate`` steers from the last prompt position on, as ``python -m trainer.generate --steer``.
-Generation recomputes the whole sequence at every step (no KV cache): fine for students of this size.
+
+Generation keeps its own KV cache (:class:`CocomixCache`: one entry per token before L_ins, two after
+it with ``interleave``), as the trainer's generate does, for greedy decoding and sampling; beam search
+and assisted decoding, which reorder or roll back transformers' own cache, recompute the sequence
+at every step instead.
 """
 
 from __future__ import annotations
@@ -42,15 +46,31 @@ class CocomixCausalLMOutput(CausalLMOutputWithPast):
     """The k concept ids kept per position (B, T, k), by descending logit."""
 
 
-def _causal_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """None (plain causal attention) without padding; else a (B, 1, L, L) boolean mask: causal, padded
-    keys hidden, and every query sees itself (a padded query would otherwise have no key: NaN)."""
-    if valid is None or bool(valid.all()):
-        return None
-    n = valid.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=valid.device)
-    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+class CocomixCache:
+    """Keys and values per layer of every position processed so far (for generation)."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.n_tokens = 0
+        """Tokens processed: the next token's index."""
+
+
+def _attn_mask(valid: torch.Tensor | None, n: int, past: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for ``n`` queries after ``past`` cached keys. ``valid`` (B, past + n) marks
+    real tokens (None: all real). Query i sees keys 0 .. past + i that are real, and always itself (a
+    padded query would otherwise see no key: NaN)."""
+    padded = valid is not None and not bool(valid.all())
+    if not padded:
+        if past == 0:
+            return None, True
+        if n == 1:
+            return None, False  # one new query sees the whole past
+    allowed = torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)
+    if not padded:
+        return allowed, False
+    own = torch.zeros(n, past + n, dtype=torch.bool, device=device)
+    own[torch.arange(n), past + torch.arange(n)] = True
+    return ((allowed[None] & valid[:, None, :]) | own[None])[:, None], False
 
 
 class Attention(nn.Module):
@@ -62,15 +82,19 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: tuple[torch.Tensor | None, bool], cache: CocomixCache | None,
+                layer: int) -> torch.Tensor:
         B, L, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (t.view(B, L, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            prev = cache.kv[layer]
+            if prev is not None:
+                k, v = torch.cat([prev[0], k], dim=2), torch.cat([prev[1], v], dim=2)
+            cache.kv[layer] = (k, v)
         p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        attn_mask, causal = mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=causal)
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, L, d)))
 
 
@@ -93,8 +117,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: torch.Tensor, mask: tuple[torch.Tensor | None, bool], cache: CocomixCache | None,
+                layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -197,59 +222,77 @@ class CocomixForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         steer: dict[int, float] | None = None,
         steer_from: int = 0,
+        cocomix_cache: CocomixCache | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> CocomixCausalLMOutput | tuple:
         """``steer`` (default ``config.steer``) scales predicted concept logits at positions >=
-        ``steer_from``. ``labels``: the usual shifted next-token cross-entropy (-100 ignored)."""
+        ``steer_from`` (counted from the first cached token). ``cocomix_cache``: the tokens continue the
+        cached ones and ``attention_mask`` covers both. ``labels``: the shifted next-token cross-entropy."""
         B, T = input_ids.shape
         cfg = self.config
-        if T > cfg.n_positions:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's n_positions={cfg.n_positions}")
+        cache = cocomix_cache
+        past = cache.n_tokens if cache is not None else 0
+        if past + T > cfg.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's n_positions={cfg.n_positions}")
         valid = attention_mask.bool() if attention_mask is not None else None
+        if valid is not None and valid.shape[1] != past + T:
+            raise ValueError(f"attention_mask covers {valid.shape[1]} tokens, the input {past} cached + {T} new")
         if position_ids is None:
-            if valid is not None:
-                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            if valid is not None:  # left padding: count the real tokens
+                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(T, device=input_ids.device)[None]
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         steer = self.config_steer() if steer is None else {int(k): float(v) for k, v in steer.items()}
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        mask = _causal_mask(valid)
-        for block in self.blocks[: cfg.insert_layer]:
-            x = block(x, mask)
-        z, c_hat, top = self.concept(x, steer, steer_from)
+        mask = _attn_mask(valid, T, past, x.device)
+        for i in range(cfg.insert_layer):
+            x = self.blocks[i](x, mask, cache, i)
+        z, c_hat, top = self.concept(x, steer, steer_from - past if steer_from > past else 0)
         if cfg.mix == "interleave":
             x = torch.stack([x, c_hat], dim=2).view(B, 2 * T, -1)  # h_1, c_1, h_2, c_2, ...
-            mask = _causal_mask(valid.repeat_interleave(2, dim=1) if valid is not None else None)
+            mask = _attn_mask(valid.repeat_interleave(2, dim=1) if valid is not None else None, 2 * T, 2 * past,
+                              x.device)
         elif cfg.mix == "add":
             x = x + c_hat
-        for block in self.blocks[cfg.insert_layer:]:
-            x = block(x, mask)
+        for i in range(cfg.insert_layer, cfg.n_layer):
+            x = self.blocks[i](x, mask, cache, i)
         if cfg.mix == "interleave":
             x = x[:, 1::2]  # the concept slots predict the next token
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied LM head
+        if cache is not None:
+            cache.n_tokens += T
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         out = CocomixCausalLMOutput(loss=loss, logits=logits, concept_logits=z, concept_ids=top)
         return out if return_dict is not False else out.to_tuple()
 
-    # -- generation: no KV cache, the whole sequence every step -------------------------------------
+    # -- generation: our own KV cache, never transformers' -----------------------------------------
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False
+        return False  # transformers' Cache classes hold one entry per token; ours holds two after L_ins
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> dict:
+        cache = kwargs.get("cocomix_cache")
+        if cache is not None and cache.n_tokens:
+            input_ids = input_ids[:, cache.n_tokens:]  # only what the cache has not seen
         return {"input_ids": input_ids, "attention_mask": attention_mask, "steer": kwargs.get("steer"),
-                "steer_from": kwargs.get("steer_from", 0)}
+                "steer_from": kwargs.get("steer_from", 0), "cocomix_cache": cache}
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """GenerationMixin.generate, steering (``steer=`` or ``config.steer``) from the last prompt
-        position on, as ``python -m trainer.generate --steer`` does."""
+        position on, as ``python -m trainer.generate --steer`` does; with a KV cache unless
+        ``use_cache=False`` or the strategy keeps several hypotheses (beams) or rolls back (assistants)."""
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if ids is not None and "steer_from" not in kwargs:
             kwargs["steer_from"] = ids.shape[-1] - 1
+        gc = kwargs.get("generation_config") or self.generation_config
+        simple = (kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1) == 1 and not any(
+            kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate"))
+        if simple and kwargs.get("use_cache", True) is not False and "cocomix_cache" not in kwargs:
+            kwargs["cocomix_cache"] = CocomixCache(self.config.n_layer)
         return super().generate(inputs, **kwargs)
