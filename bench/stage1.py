@@ -13,8 +13,10 @@ worker processes are started by a warm-up run first, so the figures are the stea
 (a worker process builds its tokenizer once, on its first task). The driver's CPU time (its
 ``time.process_time`` over the same span, logged in runs.jsonl: submitting, tracking, packing val,
 assembling and saving the manifest) is divided by the shards written. Each variant runs ``--repeats``
-times, interleaved, and the best run is shown (the load of a shared machine drifts). Every variant must
-write byte-identical files, manifest included; the script checks that.
+times, interleaved, and the best run is shown (the load of a shared machine drifts). Tokens per CPU second
+(of this process and the embedded Ray's processes, from /proc) does not depend on that load: equal for 1
+and 2 workers means a second worker adds no work per token. Every variant must write byte-identical
+files, manifest included; the script checks that.
 
 Tail tokens: each task packs its own train stream, so each drops the tail that fills no last window
 (< seq_len + 1 tokens). One tokenization pass gives every document's length; the plan of each
@@ -101,6 +103,28 @@ def smoke_corpus(path: Path, docs: int = 40) -> Path:
     return path
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live descendants (the embedded Ray: raylet, GCS,
+    workers), from /proc: what a run got of the machine, whatever else loads it (0 without /proc)."""
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            f = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., utime, stime
+            parent[int(d)], cpu[int(d)] = int(f[1]), (int(f[11]) + int(f[12])) / tick
+    total = 0.0
+    for pid, c in cpu.items():
+        q = pid
+        while q > 1 and q != me:
+            q = parent.get(q, 0)
+        total += c if q == me else 0.0
+    return total
+
+
 def tree(d: Path) -> dict[str, bytes]:
     """Every file a run wrote (zarr directories included), the run log left out."""
     return {str(p.relative_to(d)): p.read_bytes()
@@ -183,11 +207,14 @@ def main() -> None:
         for rep in range(1 if a.smoke else a.repeats):
             for name, key, kw in variants:
                 out = Path(f"{tmp}/{key}-{rep}")
+                cpu = cpu_seconds()
                 m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=str(out), seq_len=a.seq_len,
                                        task_mb=a.task_mb, **kw))
+                cpu = cpu_seconds() - cpu
                 shards = sum(len(s.shards) for s in m.splits.values())
                 log = read_runs(out)[-1]  # timings live in the run log, not in the manifest
                 row = {"name": name, "key": key, "tps": log["tokens_per_s"], "wall": log["wall_s"],
+                       "tokens_per_cpu_s": log["tokens"] / max(cpu, 1e-9),
                        "cpu_per_shard": log["driver_cpu_s"] / shards, "shards": shards, "tasks": log["tasks"],
                        "tail": m.splits["train"].extra["tail_tokens"], "files": tree(out)}
                 if rep == 0:
@@ -205,12 +232,17 @@ def main() -> None:
     print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; seq_len {a.seq_len}, --task-mb {a.task_mb:g} ({rows[0]['tasks']} tasks, "
           f"{rows[0]['shards']} shards)\n"
-          f"{'variant':24s} {'tokens/s':>10s} {'wall s':>8s} {'vs driver':>10s} {'driver CPU s/shard':>19s}")
+          f"{'variant':24s} {'tokens/s':>10s} {'wall s':>8s} {'vs driver':>10s} {'driver CPU s/shard':>19s} "
+          f"{'tokens/CPU s':>13s}")
     for r in rows:
-        print(f"{r['name']:24s} {r['tps']:10,.0f} {r['wall']:8.1f} {r['tps'] / base:9.2f}x {r['cpu_per_shard']:19.4f}")
+        print(f"{r['name']:24s} {r['tps']:10,.0f} {r['wall']:8.1f} {r['tps'] / base:9.2f}x {r['cpu_per_shard']:19.4f} "
+              f"{r['tokens_per_cpu_s']:13,.0f}")
     by = {r["key"]: r for r in rows}
     if "2" in by:
-        print(f"2 workers vs 1 worker: {by['2']['tps'] / by['1']['tps']:.2f}x")
+        print(f"2 workers vs 1 worker: {by['2']['tps'] / by['1']['tps']:.2f}x (tokens per CPU second, Ray's own "
+              f"processes and the driver included: {by['2']['tokens_per_cpu_s'] / by['1']['tokens_per_cpu_s']:.2f}x; "
+              "near 1 means a second worker adds no work per token: the wall-time ratio is what the free cores "
+              "allowed)")
     print(f"\ntrain tail tokens dropped (each task packs its own stream; val is packed once, by the driver)\n"
           f"{'seq_len':>7s} {'--task-mb':>9s} {'tasks':>6s} {'tail tokens':>11s} {'per task':>9s} {'of train':>9s}")
     for t in tails:
@@ -227,6 +259,7 @@ def main() -> None:
                "corpus": a.corpus, "tokenizer": a.tokenizer, "seq_len": a.seq_len, "task_mb": a.task_mb,
                "tasks": rows[0]["tasks"], "shards": rows[0]["shards"],
                "tokens_per_s": {r["key"]: r["tps"] for r in rows},
+               "tokens_per_cpu_s": {r["key"]: round(r["tokens_per_cpu_s"], 1) for r in rows},
                "driver_cpu_s_per_shard": max(r["cpu_per_shard"] for r in rows if r["key"] != "in_process")
                if len(rows) > 1 else rows[0]["cpu_per_shard"],
                "tail_tokens_per_partition": measured["per_task"], "tail_tokens": tails,
