@@ -154,6 +154,25 @@ def test_unfinished_run_is_redone_without_a_flag(tmp_path, tiny_tokenizer_dir):
     assert tree(out) == tree(tmp_path / "ref")
 
 
+def test_task_records_of_another_run_are_ours_a_users_file_among_them_is_not(tmp_path, tiny_tokenizer_dir):
+    """stage1-tasks/ (records, val streams, temporaries) of an unfinished run of other settings is replaced
+    without a flag; with a user's file inside, the folder is not ours and the run is refused, untouched."""
+    ref = run(cfg(tmp_path, tiny_tokenizer_dir, out="ref"))
+    out = tmp_path / "out"
+    (out / "stage1-tasks").mkdir(parents=True)
+    (out / ".stage1-settings.json").write_text(json.dumps({**ref.settings, "seed": 9}))
+    (out / "stage1-tasks" / "t000000.json").write_text('{"task": {}}')
+    (out / "stage1-tasks" / "t000000.val").write_bytes(b"\0" * 8)
+    (out / "stage1-tasks" / ".t000001.val.tmp-0123abcd").write_bytes(b"\0")
+    (out / "stage1-tasks" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write .*stage1-tasks/"):
+        run(cfg(tmp_path, tiny_tokenizer_dir))
+    assert (out / "stage1-tasks" / "notes.txt").read_text() == "mine"
+    (out / "stage1-tasks" / "notes.txt").unlink()
+    run(cfg(tmp_path, tiny_tokenizer_dir))
+    assert tree(out) == tree(tmp_path / "ref")
+
+
 # -- item 3: --manifest never replaces what is not this dataset's manifest -------------------------
 
 
