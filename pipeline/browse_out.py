@@ -60,6 +60,7 @@ def check_out(out: Path, overwrite: bool, again: str) -> None:
     """Refuse, in one line and before any work, an ``--out`` that browse may not write. ``again``: the
     command with ``--overwrite`` added, quoted by the refusal."""
     check_writable_dir(out, "--out")
+    clean_leftovers(out)  # first, so a site a killed run left aside is judged (and kept) like any other
     if not out.exists():
         return
     if not out.is_dir() or out.is_symlink():
@@ -81,7 +82,8 @@ def clean_leftovers(out: Path) -> None:
     """Remove what a killed earlier run left beside ``out``: its temporary build and a replaced site
     not yet deleted (each only when it is provably browse's own)."""
     tmp = temp_dir(out)
-    if tmp.is_dir() and (tmp / BUILDING).is_file():
+    # Browse's own: still being built (the marker), or finished and recorded but not yet renamed.
+    if tmp.is_dir() and ((tmp / BUILDING).is_file() or (listed_files(tmp) is not None and not foreign_files(tmp))):
         remove_entry(tmp)
     old = old_dir(out)
     if old.is_dir() and listed_files(old) is not None and not foreign_files(old):
@@ -92,8 +94,7 @@ def clean_leftovers(out: Path) -> None:
 
 
 def start(out: Path) -> Path:
-    """A fresh temporary directory to build the site in."""
-    clean_leftovers(out)
+    """A fresh temporary directory to build the site in (check_out has removed any leftover)."""
     tmp = temp_dir(out)
     tmp.mkdir(parents=True)
     (tmp / BUILDING).write_text("a concept browser site being built by python -m pipeline.browse\n")

@@ -291,6 +291,12 @@ def test_output_contract(extraction, tmp_path, capsys):
     tmp.mkdir()
     (tmp / ".cocomix-browse-building").write_text("")
     assert build(extraction, out, "--overwrite") == 0 and not tmp.exists()
+    # Killed between the two renames of a replacement: the old site aside, the new one not yet in place.
+    old = out.parent / f".{out.name}.browse-old"
+    shutil.copytree(out, tmp)
+    out.rename(old)
+    assert build(extraction, out, "--overwrite") == 0 and not tmp.exists() and not old.exists()
+    assert (out / "index.html").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert build(extraction, empty) == 0 and (empty / "index.html").is_file()
