@@ -1,48 +1,32 @@
 """Streaming corpus readers: text, JSONL, Parquet, directories / globs of them, HF datasets.
 
 Every reader yields :class:`Piece` objects in a fixed order. A document longer than
-``max_piece_chars`` arrives as several pieces of ``max_piece_chars`` to ``2 * max_piece_chars``,
-cut where a byte-level BPE pre-tokeniser (GPT-2 / Llama-3 regex, SmolLM2's included) ends a
-pre-token anyway, so the token ids equal those of the whole document: after a single newline between
-two non-space characters, or before a space that follows a non-space character. (A pre-token holds a
-space only at its start or inside a run of whitespace, and a run of whitespace before a non-space
-character gives up its last character, so "\n\nX" or "\r\nX" must not be cut after the newline.)
-Text files are read in slices of at most ``max_piece_chars`` bytes, so even a single 50 MB line never
-sits in memory whole; a stretch of ``2 * max_piece_chars`` without a safe point (e.g. base64) is cut
-anyway at a character boundary and counted (``forced_cuts``). Nothing is dropped silently: every skip
-is counted in :class:`CorpusStats`, which ends up in the manifest.
+``max_piece_chars`` arrives as several pieces, cut where the tokenizer would split anyway, so the token
+ids equal those of the whole document (common/corpus_cuts.py says where). Text files are read in slices
+of at most ``max_piece_chars`` bytes, so even a single 50 MB line never sits in memory whole. Nothing is
+dropped silently: every skip is counted in :class:`CorpusStats`, which ends up in the manifest.
+
+The corpus is split in three jobs: this module holds the settings, the pieces and their counts, and
+the readers; common/corpus_sources.py expands ``--corpus`` into sources, checks and opens them (local
+paths or object storage, common/storage.py); common/corpus_cuts.py finds where a long document and a
+range of a file may be cut.
 
 Every reader also reads a *range* of its source (common/partition.py plans them): a byte range of a
-text or JSONL file, a run of Parquet row groups. A range owns the documents that *start* inside it:
-it begins at the first document boundary at or after its start offset and ends at the first boundary
-at or after its end offset, so consecutive ranges cover every document exactly once and a document
-longer than a range belongs to the range where it starts. Document ids therefore never need the part
-of the file before them: ``<source>@<byte offset of the document>`` for text and JSONL,
-``<source>:<row>`` for Parquet (the row group's first row comes from the file's metadata) and HF
-datasets.
+text or JSONL file, a run of Parquet row groups. A range owns the documents that *start* inside it
+(common/corpus_cuts.py), so document ids never need the part of the file before them:
+``<source>@<byte offset of the document>`` for text and JSONL, ``<source>:<row>`` for Parquet (the row
+group's first row comes from the file's metadata) and HF datasets.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from common import storage
-
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-PARQUET_SUFFIXES = (".parquet",)
-_SNIFF_BYTES = 8192
-# Cut points that are pre-token boundaries for byte-level BPE (see the module docstring). The bytes
-# form accepts only printable ASCII around the cut, so it never splits a UTF-8 character and never
-# mistakes the tail of a multi-byte space (U+00A0, U+3000) for a non-space.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= )")
-_SAFE_CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[\x21-\x7e])(?= )")
+from common.corpus_cuts import SAFE_CUT_BYTES, forced_cut, is_delimiter_line, line_boundary, split_long, text_boundary
+from common.corpus_sources import expand_sources, looks_binary, open_binary, open_parquet
 
 
 @dataclass
@@ -102,128 +86,12 @@ class CorpusStats:
         return asdict(self)
 
 
-def _is_hf_dir(p: Path) -> bool:
-    return p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def _kind(p: Path) -> str | None:
-    name = p.name.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(TEXT_SUFFIXES):
-        return "text"
-    return None
-
-
-def expand_sources(paths: list[str]) -> list[tuple[str, str, str]]:
-    """-> [(kind, location, source id)] in a deterministic order; errors name the bad path."""
-    out: list[tuple[str, str, str]] = []
-    for raw in paths:
-        if storage.is_url(raw):
-            out += _expand_url(raw)
-            continue
-        if raw.startswith("hf:"):
-            out.append(("hf", raw[3:], raw))
-            continue
-        raw = storage.local_path(raw)  # file:///a/b is the path /a/b
-        p = Path(raw)
-        if _is_hf_dir(p):
-            out.append(("hf_disk", raw, p.name))
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
-            if not files:
-                raise ValueError(f"corpus directory {raw!r} has no .txt/.jsonl/.parquet files")
-            out += [(_kind(f), str(f), f.relative_to(p).as_posix()) for f in files]
-        elif p.is_file():
-            out.append((_kind(p) or "text", raw, p.name))
-        elif glob.has_magic(raw):
-            files = sorted(Path(f) for f in glob.glob(raw, recursive=True) if os.path.isfile(f))
-            if not files:
-                raise ValueError(f"corpus glob {raw!r} matches no file")
-            base = Path(os.path.commonpath([str(f.parent) for f in files]))
-            out += [(_kind(f) or "text", str(f), f.relative_to(base).as_posix()) for f in files]
-        else:
-            raise ValueError(f"corpus path {raw!r} does not exist (hub datasets are spelled hf:NAME)")
-    return out
-
-
-def _expand_url(url: str) -> list[tuple[str, str, str]]:
-    """Sources of a URL (common/storage.py): one object, the corpus files under a prefix, or a glob.
-    Source ids follow the local rules above (the name; the key under the prefix; the key under the
-    matches' common folder), so they never hold the endpoint or a credential, and the same files read
-    from a bucket or from a local copy give the same document ids, hence the same shards."""
-    if storage.has_magic(url):
-        files = storage.glob(url)
-        if not files:
-            raise ValueError(f"corpus glob {url!r} matches no file")
-        base = storage.common_parent(files)
-        return [(_kind(Path(f)) or "text", f, storage.relative(f, base)) for f in files]
-    what = storage.kind(url)
-    if what == "file":
-        return [(_kind(Path(url)) or "text", url, url.rstrip("/").rsplit("/", 1)[-1])]
-    if what == "dir":
-        files = [f for f in storage.list_files(url) if _kind(Path(f))]
-        if not files:
-            raise ValueError(f"corpus prefix {url!r} has no .txt/.jsonl/.parquet files")
-        return [(_kind(Path(f)) or "text", f, storage.relative(f, url)) for f in files]
-    raise ValueError(f"corpus URL {url!r} does not exist (no object and no prefix of that name)")
-
-
-def _each(fn, items: list[str]) -> Iterator:  # noqa: ANN001 - a one-argument function
-    """``map(fn, items)``; over URLs on 16 threads (one request each: a serial walk over thousands
-    of objects would cost minutes), still in order, the first failure in order raised."""
-    if not any(storage.is_url(i) for i in items):
-        return map(fn, items)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(16) as pool:
-        return iter(list(pool.map(fn, items)))
-
-
-def check_sources(cfg: CorpusConfig) -> None:
-    """The checks that need no parsing, run before any heavy work (tokenizer, Ray): every path
-    exists, no text file looks binary, the corpus is not only empty files. Errors name the path."""
-    sources = expand_sources(cfg.paths)
-    files = [loc for kind, loc, _ in sources if kind in ("text", "jsonl", "parquet")]
-    texts = [loc for kind, loc, _ in sources if kind == "text"]
-    try:
-        for loc, binary in zip(texts, _each(_looks_binary, texts), strict=True):
-            if binary:
-                raise ValueError(f"corpus file {loc!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
-        if files and len(files) == len(sources) and all(source_size(f) == 0 for f in files):
-            raise ValueError(f"corpus {' '.join(cfg.paths)} is empty (0 bytes): pass files that hold documents")
-    except OSError as e:
-        raise ValueError(f"corpus file {e.filename!r} cannot be read: {e.strerror or e}") from e
-
-
 def _decode(data: bytes, stats_flag: list[bool]) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         stats_flag[0] = True
         return data.decode("utf-8", errors="replace")
-
-
-def _split_long(text: str, max_chars: int, stats: CorpusStats | None = None) -> Iterator[str]:
-    """Cut ``text`` at safe points (module docstring) into pieces of ``max_chars`` to
-    ``2 * max_chars``; a stretch without one is cut at ``max_chars`` and counted in ``stats``."""
-    start = 0
-    while len(text) - start > max_chars:
-        hi = min(len(text), start + 2 * max_chars)
-        m = _SAFE_CUT.search(text, start + max_chars, hi)  # a regex scan, not a Python loop per char
-        if m is not None:
-            cut = m.start()
-        elif hi == len(text):
-            break  # the rest is at most 2 * max_chars: one last piece
-        else:
-            cut = start + max_chars
-            if stats is not None:
-                stats.forced_cuts += 1
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
 
 
 def _with_last(parts: Iterator[str]) -> Iterator[tuple[str, bool]]:
@@ -249,73 +117,8 @@ class _Emitter:
             return
         self.stats.documents += 1
         self.stats.utf8_replaced += replaced
-        for t, last in _with_last(_split_long(text, self.cfg.max_piece_chars, self.stats)):
+        for t, last in _with_last(split_long(text, self.cfg.max_piece_chars, self.stats)):
             yield Piece(doc_id, t, last)
-
-
-def open_binary(location: str):
-    """A corpus file opened for binary reading (seekable): the one place the readers open files. A URL
-    streams in ranged reads as the reader advances (common/storage.py)."""
-    return storage.open_binary(location)
-
-
-def source_size(location: str) -> int:
-    """Bytes of a corpus file (planning byte ranges: common/partition.py)."""
-    return storage.size(location)
-
-
-def _looks_binary(path: str) -> bool:
-    return b"\0" in storage.read_range(path, 0, _SNIFF_BYTES)  # one small request for a URL
-
-
-def _is_delimiter_line(seg: bytes, delim: bytes) -> bool:
-    """A whole line holding exactly the delimiter, with its LF or CRLF (or none at the end of the file)."""
-    return seg in (delim, delim + b"\n", delim + b"\r\n", delim + b"\r")
-
-
-def _text_boundary(f, offset: int, size: int, delim: bytes, limit: int) -> int:
-    """The first document start at or after ``offset`` in a text file: 0, or just after a delimiter
-    line (the end of the file when there is none).
-
-    A delimiter line is at most ``len(delim) + 2`` bytes long, so one that ends at or after ``offset``
-    starts at or after ``offset - len(delim) - 3``: the scan starts there, at the next line start.
-    Lines are read in slices of ``limit`` bytes exactly like the reader does, so both agree on which
-    lines are whole."""
-    if offset <= 0:
-        return 0
-    if offset >= size:
-        return size
-    pos = max(0, offset - len(delim) - 3)
-    at_line_start = True
-    if pos > 0:
-        f.seek(pos - 1)
-        at_line_start = f.read(1) == b"\n"
-    f.seek(pos)
-    while seg := f.readline(limit):
-        whole_line = at_line_start and (seg.endswith(b"\n") or len(seg) < limit)
-        at_line_start = seg.endswith(b"\n")
-        pos += len(seg)
-        if whole_line and pos >= offset and _is_delimiter_line(seg, delim):
-            return pos
-    return size
-
-
-def _line_boundary(f, offset: int, size: int) -> int:
-    """The first line start at or after ``offset`` (a JSONL record boundary)."""
-    if offset <= 0:
-        return 0
-    if offset >= size:
-        return size
-    f.seek(offset - 1)
-    return offset - 1 + len(f.readline())
-
-
-def _forced_cut(buf: bytearray, pos: int) -> int:
-    """``pos`` moved back to the start of a UTF-8 character (continuation bytes are 0x80-0xBF)."""
-    for c in range(pos, pos - 4, -1):
-        if not 0x80 <= buf[c] <= 0xBF:
-            return c
-    return pos  # not UTF-8 there anyway: decoded with replacement characters either way
 
 
 def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: int = 0,
@@ -323,7 +126,7 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: i
     """Documents of a text file that start in bytes [start, end) (module docstring), read in slices
     of at most ``max_piece_chars`` bytes (a 50 MB line included), so memory stays bounded by the piece
     size, not the document size. With ``--doc-per-file`` the file is one document: one range."""
-    if start == 0 and _looks_binary(path):
+    if start == 0 and looks_binary(path):
         raise ValueError(f"corpus file {path!r} looks binary (NUL bytes): pass text, .jsonl or .parquet files")
     limit = cfg.max_piece_chars
     delim = cfg.delimiter.encode()
@@ -359,8 +162,8 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: i
         if cfg.doc_per_file:
             pos, stop = (0, size) if start == 0 else (size, size)
         else:
-            pos = _text_boundary(f, start, size, delim, limit)
-            stop = size if end is None else _text_boundary(f, end, size, delim, limit)
+            pos = text_boundary(f, start, size, delim, limit)
+            stop = size if end is None else text_boundary(f, end, size, delim, limit)
         f.seek(pos)
         doc_start = pos
         at_line_start = True
@@ -370,21 +173,21 @@ def _read_text(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: i
             pos += len(seg)
             whole_line = at_line_start and (seg.endswith(b"\n") or len(seg) < limit)
             at_line_start = seg.endswith(b"\n")
-            if whole_line and not cfg.doc_per_file and _is_delimiter_line(seg, delim):
+            if whole_line and not cfg.doc_per_file and is_delimiter_line(seg, delim):
                 yield from end_document()
                 doc_start = pos
                 continue
             buf += seg
             while len(buf) > limit:
                 hi = min(len(buf), 2 * limit)
-                m = _SAFE_CUT_BYTES.search(buf, max(limit, scanned), hi)
+                m = SAFE_CUT_BYTES.search(buf, max(limit, scanned), hi)
                 if m is not None:
                     cut = m.start()
                 elif hi < 2 * limit:
                     scanned = len(buf)  # the last offset needs the next byte to decide
                     break
                 else:
-                    cut = _forced_cut(buf, limit)
+                    cut = forced_cut(buf, limit)
                     em.stats.forced_cuts += 1
                 data = bytes(buf[:cut])
                 del buf[:cut]
@@ -399,8 +202,8 @@ def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: 
     """Records (lines) of a JSONL file that start in bytes [start, end) (module docstring)."""
     with open_binary(path) as f:
         size = f.seek(0, os.SEEK_END)
-        pos = _line_boundary(f, start, size)
-        stop = size if end is None else _line_boundary(f, end, size)
+        pos = line_boundary(f, start, size)
+        stop = size if end is None else line_boundary(f, end, size)
         f.seek(pos)
         lineno = 0  # known only when reading from the start of the file
         while pos < stop and (line := f.readline()):
@@ -429,19 +232,6 @@ def _read_jsonl(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: 
                 em.stats.skipped_bad_records += 1
                 continue
             yield from em.whole(f"{source}@{at}", rec[cfg.text_field], replaced[0])
-
-
-def open_parquet(path: str):
-    """A ``pyarrow.parquet.ParquetFile``; an unreadable file is one error naming it."""
-    import pyarrow.parquet as pq
-
-    try:
-        # A URL: pyarrow's own random-access file, so the footer and each column chunk are ranged reads.
-        return pq.ParquetFile(open_binary(path) if not storage.is_url(path) else storage.open_random_access(path))
-    except storage.StorageError:
-        raise
-    except Exception as e:
-        raise ValueError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
 
 
 def _read_parquet(path: str, source: str, cfg: CorpusConfig, em: _Emitter, start: int = 0,

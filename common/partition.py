@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from common.corpus import CorpusConfig, CorpusStats, Piece, expand_sources, open_parquet, read_range, source_size
+from common.corpus import CorpusConfig, CorpusStats, Piece, read_range
+from common.corpus_sources import expand_sources, open_parquet, source_size
 
 
 @dataclass(frozen=True)

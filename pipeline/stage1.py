@@ -80,7 +80,7 @@ def plan_tasks(cfg: TokenizeConfig) -> list[Task]:
 
 def run(cfg: TokenizeConfig) -> Manifest:
     """Tokenize the corpus into shards; returns the saved manifest (reused if already complete)."""
-    from common.corpus import check_sources
+    from common.corpus_sources import check_sources
     from common.teacher import (
         load_tokenizer,
         resolve_teacher,

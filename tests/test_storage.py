@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from common import storage
-from common.corpus import CorpusConfig, CorpusStats, check_sources, expand_sources, iter_documents, iter_pieces
+from common.corpus import CorpusConfig, CorpusStats, iter_documents, iter_pieces
+from common.corpus_sources import check_sources, expand_sources
 from tests.helpers import owt_documents, write_corpus
 
 pytest.importorskip("moto", reason="the local S3 server: pip install -e '.[dev]'")
