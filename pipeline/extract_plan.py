@@ -27,8 +27,8 @@ from pipeline.extract_progress import part_from_record, record_key, settings_dig
 from pipeline.extract_runner import RunnerConfig, check_compatible, record_fields, resolve_precision
 from pipeline.extract_worker import ShardJob
 from pipeline.stage1_config import TokenizeConfig
-from shards import Manifest, ShardPart, checksum, load_manifest
-from shards.checksum import disk_bytes
+from shards import Manifest, ShardPart, load_manifest
+from shards.checksum import checksums, disk_bytes
 from shards.manifest import inspect_path
 from shards.options import StoreOptions
 from shards.records import read_records
@@ -222,8 +222,7 @@ def verify_token_shards(m: Manifest) -> float:
         if size != p.bytes:
             raise ValueError(f"token shard {p.path} has {size:,} bytes, {m.path} says {p.bytes:,}: "
                              f"it was changed{again}")
-    for p in parts:
-        got = checksum(p.path)
+    for p, got in zip(parts, checksums([p.path for p in parts]), strict=True):
         if got != p.checksum:
             raise ValueError(f"token shard {p.path} is corrupted: its sha256 differs from {m.path}{again}")
     seconds = time.perf_counter() - t0
@@ -316,7 +315,7 @@ def finished_shards(p: Plan, jobs: list[ShardJob]) -> dict[str, ShardPart]:
     if old is not None and extraction_settings(old) == p.settings:
         by_path = {str(sh.parts["concepts"].path): sh for s in old.splits.values() for sh in s.shards}
     concept_dir = str(p.cfg.concept_dir.resolve())  # load_manifest resolves each folder (shards/manifest.py)
-    done = {}
+    candidates: dict[str, ShardPart] = {}
     for job in jobs:
         rec = records.get(record_key(job))
         part = part_from_record(job, rec, digest) if rec is not None else None
@@ -326,11 +325,17 @@ def finished_shards(p: Plan, jobs: list[ShardJob]) -> dict[str, ShardPart]:
                 continue
             # the job's own path, as a worker returns it: the same relative path in the manifest either way
             part = dataclasses.replace(sh.parts["concepts"], path=Path(job.out))
-        if part.path.exists() and checksum(part.path) == part.checksum:
-            done[job.key] = part
+        candidates[job.key] = part
+    present = {k: p for k, p in candidates.items() if p.path.exists()}
+    sums = dict(zip(present, checksums([p.path for p in present.values()]), strict=True))
+    done = {}
+    for key, part in candidates.items():
+        if sums.get(key) == part.checksum:
+            done[key] = part
         else:
             log.warning("%s is missing or damaged: redoing it", part.path)
     return done
+
 
 
 def check_space(p: Plan, todo: list[ShardJob]) -> None:

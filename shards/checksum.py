@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _BLOCK = 1 << 22
@@ -30,6 +31,17 @@ def checksum(path: str | os.PathLike) -> str:
     else:
         raise ValueError(f"shard {str(path)!r} does not exist")
     return "sha256:" + h.hexdigest()
+
+
+def checksums(paths: list[Path], threads: int | None = None) -> list[str]:
+    """:func:`checksum` of every path, in order, several at a time: hashlib releases the GIL, so
+    threads add disk and memory bandwidth (bench/verify.py measures it; docs/scaling.md: one core
+    hashing the token shards of a 1T-token corpus before stage 2 starts would take hours)."""
+    threads = threads or min(8, os.cpu_count() or 1, max(1, len(paths)))
+    if threads == 1:
+        return [checksum(p) for p in paths]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(checksum, paths))
 
 
 def disk_bytes(path: str | os.PathLike) -> int:

@@ -19,7 +19,7 @@ def test_independent_of_batch_size_and_workers(stage2_data, tiny_teacher_dir, st
     assert all_bytes(cfg.concept_dir) == stage2_reference and len(stage2_reference) >= 5
 
 
-def test_zarr_holds_the_same_records(stage2_data, tiny_teacher_dir):
+def test_zarr_holds_the_same_records(stage2_data, tiny_teacher_dir, stage2_reference):
     z = run(extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "zarr"), format="zarr", batch_size=7))
     a = load_manifest(stage2_data / "ref" / "concepts.json")
     for split in ("train", "val"):
