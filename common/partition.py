@@ -13,6 +13,12 @@ cluster, the plan is a function of the corpus files and ``task_bytes`` alone:
   task until the next would take it past ``task_bytes``;
 - a text file read with ``--doc-per-file`` is one document, so one piece; a HF dataset (saved or
   hub-streamed) cannot be cut by bytes and is one task of its own.
+
+Planning asks the store as little as it can: file sizes come with the listing of a prefix or a glob
+(common/corpus_sources.py ``sized_sources``), and the one lookup left per file, a Parquet footer, runs
+for all files on threads (common/storage.py ``map_ordered``) with results in input order, so the plan
+of 10,000 objects costs the listing plus one round of concurrent footer reads, and is the same plan a
+serial walk gives (tests/test_storage.py).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from common.corpus import CorpusConfig, CorpusStats, Piece, read_range
-from common.corpus_sources import expand_sources, open_parquet, source_size
+from common.corpus_sources import open_parquet, sized_sources, source_size
+from common.storage import map_ordered
 
 
 @dataclass(frozen=True)
@@ -66,24 +73,30 @@ class _Unit:
     alone: bool = False
 
 
+def _row_group_bytes(location: str) -> list[int]:
+    """Uncompressed bytes of each row group of a Parquet file, from its footer."""
+    with open_parquet(location) as pf:
+        meta = pf.metadata
+        return [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+
+
 def _units(cfg: CorpusConfig, task_bytes: int) -> Iterator[_Unit]:
-    for kind, location, source in expand_sources(cfg.paths):
+    sources = sized_sources(cfg.paths)
+    parquet = list(dict.fromkeys(loc for kind, loc, _, _ in sources if kind == "parquet"))
+    groups = dict(zip(parquet, map_ordered(_row_group_bytes, parquet), strict=True))
+    for kind, location, source, known in sources:
+        size = known if known is not None or kind not in ("text", "jsonl", "parquet") else source_size(location)
         if kind in ("text", "jsonl") and not (kind == "text" and cfg.doc_per_file):
-            size = source_size(location)
             n = max(1, -(-size // task_bytes))
             for k in range(n):
                 end = None if k == n - 1 else (k + 1) * task_bytes
                 yield _Unit(Range(kind, location, source, k * task_bytes, end, size),
                             (size if end is None else end) - k * task_bytes)
         elif kind == "text":
-            size = source_size(location)
             yield _Unit(Range(kind, location, source, size=size), size)
         elif kind == "parquet":
-            size = source_size(location)
-            with open_parquet(location) as pf:
-                meta = pf.metadata
-                for g in range(meta.num_row_groups):
-                    yield _Unit(Range(kind, location, source, g, g + 1, size), meta.row_group(g).total_byte_size)
+            for g, nbytes in enumerate(groups[location]):
+                yield _Unit(Range(kind, location, source, g, g + 1, size), nbytes)
         else:
             yield _Unit(Range(kind, location, source), 0, alone=True)
 

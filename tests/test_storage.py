@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob as globmod
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,10 +35,14 @@ def free_port() -> int:
 
 
 class CountingRelay:
-    """127.0.0.1:port -> the S3 server, counting the bytes the server sends back (bodies + headers)."""
+    """127.0.0.1:port -> the S3 server, counting the bytes the server sends back (bodies + headers) and
+    recording each request line the client sends (``"HEAD /bucket/key"``)."""
+
+    REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
 
     def __init__(self, upstream: int):
         self.upstream, self.received, self._lock = upstream, 0, threading.Lock()
+        self.requests: list[str] = []
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self._conns: list[socket.socket] = []
@@ -55,11 +60,20 @@ class CountingRelay:
             threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        pending = b""  # the client's bytes not yet searched for request lines (a line may span two reads)
         try:
             while data := src.recv(1 << 16):
                 if count:
                     with self._lock:
                         self.received += len(data)
+                else:
+                    pending += data
+                    ends = 0
+                    for m in self.REQUEST_LINE.finditer(pending):
+                        with self._lock:
+                            self.requests.append(f"{m.group(1).decode()} {m.group(2).decode().split('?')[0]}")
+                        ends = m.end()
+                    pending = pending[max(ends, len(pending) - 4096):]
                 dst.sendall(data)
         except OSError:
             pass
@@ -285,6 +299,80 @@ def test_parquet_reads_only_the_text_column(s3, s3_server, tmp_path):
     got = docs_of([s3.url("pq/t.parquet")])
     assert [t for _, t in got] == [f"document {i}" for i in range(n)]
     assert relay.received - start < len(data) // 10, (relay.received - start, len(data))
+
+
+# -- planning stage-1 tasks: sizes from the listing, footers on threads, the serial walk's plan ----------
+
+
+def test_map_ordered_keeps_the_input_order():
+    """Calls run concurrently for URLs, yet results and the first failure follow the input order."""
+    import time
+
+    names = [f"s3://b/k{i}" for i in range(24)]
+
+    def slow(name: str) -> str:
+        i = int(name.rsplit("k", 1)[1])
+        time.sleep(0.002 * (24 - i))  # later names finish first
+        if i in (5, 9):
+            raise ValueError(f"failed {name}")
+        return name.upper()
+
+    assert storage.map_ordered(lambda n: n.upper(), names) == [n.upper() for n in names]
+    with pytest.raises(ValueError, match="failed s3://b/k5$"):
+        storage.map_ordered(slow, names)
+
+
+def serial_plan(cfg: CorpusConfig, task_bytes: int, monkeypatch) -> list:
+    """The plan a serial walk builds: each file's size asked on its own, Parquet footers one after another."""
+    import common.partition as partition
+
+    with monkeypatch.context() as m:
+        m.setattr(partition, "sized_sources", lambda paths: [(*src, None) for src in expand_sources(paths)])
+        m.setattr(partition, "map_ordered", lambda fn, names: [fn(n) for n in names])
+        return partition.plan(cfg, task_bytes)
+
+
+def shape(tasks: list) -> list:
+    """A plan without its locations (a bucket's and a folder's differ; source ids do not)."""
+    return [(t.index, t.role, t.bytes, [(r.kind, r.source, r.start, r.end, r.size) for r in t.ranges]) for t in tasks]
+
+
+@pytest.mark.parametrize("task_bytes", [700, 1 << 20])
+def test_plan_uses_listing_sizes_and_equals_the_serial_plan(s3, s3_server, tmp_path, monkeypatch, task_bytes):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from common.partition import plan
+
+    _, relay = s3_server
+    root = make_tree(tmp_path / "c")
+    docs = owt_documents(24)
+    (root / "many").mkdir()
+    for i in range(20):
+        write_corpus(root / "many" / f"t{i:02d}.txt", docs[i:i + 2])
+    (root / "many" / "r.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:5]))
+    pq.write_table(pa.table({"text": docs}), root / "many" / "big.parquet", row_group_size=5)
+    s3.upload(root, "c")
+    n_parquet = 3
+    local = plan(CorpusConfig([str(root)]), task_bytes)
+    assert local == serial_plan(CorpusConfig([str(root)]), task_bytes, monkeypatch)
+    for where in ([s3.url("c/")], [s3.url("c/**")], [s3.url("c/x.txt"), s3.url("c/many/big.parquet")]):
+        cfg = CorpusConfig(where)
+        first = len(relay.requests)
+        got = plan(cfg, task_bytes)
+        asked = relay.requests[first:]
+        first = len(relay.requests)
+        assert got == serial_plan(cfg, task_bytes, monkeypatch), where  # the same Task list
+        serial_asked = relay.requests[first:]
+        assert all(r.size == storage.size(r.location) for t in got for r in t.ranges), where
+        # Beside the listing and the probe of each URL given, objects are asked one by one only for a
+        # Parquet footer (open + read), never for a size: no text or JSONL file is asked at all.
+        given = {"/" + u.split("://", 1)[1].rstrip("/") for u in where}
+        per_object = [q for q in asked if q.count("/") > 1 and q.split(" ", 1)[1] not in given]
+        assert all(q.endswith(".parquet") for q in per_object), asked
+        assert len(per_object) <= 2 * n_parquet and len(asked) - len(per_object) <= 3 * len(where), asked
+        assert len(serial_asked) > len(asked), (serial_asked, asked)
+    assert shape(plan(CorpusConfig([s3.url("c/")]), task_bytes)) == shape(local)  # the bucket's plan is the folder's
 
 
 # -- user errors: one line naming the URL --------------------------------------------------------------
