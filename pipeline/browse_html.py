@@ -63,11 +63,15 @@ td.n, th.n { text-align:right; font-variant-numeric: tabular-nums; white-space:n
 nav.pn { display:flex; justify-content:space-between; margin-top:4px; font-size:14px; }
 svg text { font-size:11px; fill:#5c6577; }
 .ci { color:var(--muted); font-size:12px; }
+table.steer td { font-size:14px; } th.g { text-align:center; border-left:1px solid var(--line); }
+details { margin:8px 0; } summary { cursor:pointer; color:var(--accent); font-size:14px; }
+.ex li { margin:6px 0; font-size:14px; } .ex .t { font-family: Menlo, Consolas, "DejaVu Sans Mono", monospace;
+  font-size:13px; white-space:pre-wrap; background:#f3f5f8; padding:0 3px; }
 """
 
 INDEX_JS = """
 (function () {
-  var D = window.COCOMIX_CONCEPTS, cols = D.columns, rows = D.rows, LIMIT = 1000;
+  var D = window.COCOMIX_CONCEPTS, cols = D.columns, rows = D.rows, LIMIT = 5000;
   var table = document.getElementById('concepts'), body = table.querySelector('tbody');
   var q = document.getElementById('q'), shown = document.getElementById('shown');
   var sortCol = cols.indexOf('labels'), asc = false;
@@ -226,19 +230,38 @@ def steering_html(rows: list[dict]) -> str:
     def cell(arm: dict, key: str, pct: bool) -> str:
         f = fmt_pct if pct else fmt_num
         lo, hi = arm.get(f"{key}_ci", [None, None])
-        return f'{f(arm.get(key))} <span class="ci">[{f(lo)}, {f(hi)}]</span>'
+        return f'{f(arm.get(key))}<br><span class="ci">[{f(lo)}, {f(hi)}]</span>'
 
-    head = ("<tr><th class=n>scale</th><th class=n>tokens labelled (steered)</th><th class=n>(unsteered)</th>"
-            "<th class=n>samples with it (steered)</th><th class=n>(unsteered)</th>"
-            "<th class=n>mean SAE activation (steered)</th><th class=n>(unsteered)</th><th class=n>samples</th></tr>")
+    def delta(r: dict, key: str, pct: bool) -> str:
+        d = (r.get("difference") or {}).get(key)
+        if not d:
+            return "–"
+        f = fmt_pct if pct else fmt_num
+        sign = "+" if d["value"] > 0 else ""
+        return f'{sign}{f(d["value"])}<br><span class="ci">[{f(d["ci"][0])}, {f(d["ci"][1])}]</span>'
+
+    head = ("<tr><th></th><th class=g colspan=3>tokens labelled with it</th><th class=g colspan=2>samples with it</th>"
+            "<th class=g colspan=3>its mean SAE activation</th><th></th></tr>"
+            "<tr><th class=n>scale</th><th class=n>steered</th><th class=n>unsteered</th><th class=n>difference</th>"
+            "<th class=n>steered</th><th class=n>unsteered</th><th class=n>steered</th><th class=n>unsteered</th>"
+            "<th class=n>difference</th><th class=n>samples</th></tr>")
     body = []
     for r in rows:
         s, u = r["steered"], r["unsteered"]
         body.append(f'<tr><td class=n>{fmt_num(r["scale"])}</td><td class=n>{cell(s, "token_rate", True)}</td>'
-                    f'<td class=n>{cell(u, "token_rate", True)}</td><td class=n>{cell(s, "sample_rate", True)}</td>'
-                    f'<td class=n>{cell(u, "sample_rate", True)}</td><td class=n>{cell(s, "mean_act", False)}</td>'
-                    f'<td class=n>{cell(u, "mean_act", False)}</td><td class=n>{fmt_int(s["samples"])}</td></tr>')
-    return f"<table>{head}{''.join(body)}</table>"
+                    f'<td class=n>{cell(u, "token_rate", True)}</td><td class=n>{delta(r, "token_rate", True)}</td>'
+                    f'<td class=n>{cell(s, "sample_rate", True)}</td><td class=n>{cell(u, "sample_rate", True)}</td>'
+                    f'<td class=n>{cell(s, "mean_act", False)}</td><td class=n>{cell(u, "mean_act", False)}</td>'
+                    f'<td class=n>{delta(r, "mean_act", False)}</td><td class=n>{fmt_int(s["samples"])}</td></tr>')
+    ex = []
+    for r in rows:
+        for e in r.get("examples", [])[:2]:
+            ex.append(f'<li><b>scale {fmt_num(r["scale"])}</b> · prompt '
+                      f'<span class="t">{token_html(e["prompt"])}</span>'
+                      f'<br>unsteered: <span class="t">{token_html(e["unsteered"])}</span>'
+                      f'<br>steered: <span class="t">{token_html(e["steered"])}</span></li>')
+    more = f'<details><summary>example continuations</summary><ul class="ex">{"".join(ex)}</ul></details>' if ex else ""
+    return f"<table class=steer>{head}{''.join(body)}</table>{more}"
 
 
 def index_data(columns: list[tuple[str, str, str, str]], rows: list[list]) -> str:

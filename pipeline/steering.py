@@ -123,6 +123,17 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> tuple[float, 
     return (float(lo), float(hi))
 
 
+def paired_diff(s: tuple[np.ndarray, np.ndarray], u: tuple[np.ndarray, np.ndarray], idx: np.ndarray) -> dict:
+    """Steered minus unsteered ratio (numerator, denominator per sample), with a 95% percentile bootstrap
+    interval that resamples prompts jointly: both arms continue the same prompts with the same seeds."""
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return num[idx].sum(1) / np.maximum(den[idx].sum(1), 1)
+
+    d = float(s[0].sum() / max(1, s[1].sum()) - u[0].sum() / max(1, u[1].sum()))
+    lo, hi = np.percentile(ratio(*s) - ratio(*u), [2.5, 97.5])
+    return {"value": d, "ci": (float(lo), float(hi))}
+
+
 def arm_stats(hits: np.ndarray, acts: np.ndarray, n: np.ndarray, idx: np.ndarray) -> dict:
     """One arm's numbers from per-sample label hits, activation sums and labelled positions."""
     k = int((hits > 0).sum())
@@ -272,8 +283,10 @@ def evaluate(cfg: SteeringConfig) -> dict:
             h, a, n = counted[(c, s)]
             ex = [{"prompt": tok.decode(prompts[i]), "unsteered": tok.decode(gens[(None, None)][i][starts[i]:]),
                    "steered": tok.decode(gens[(c, s)][i][starts[i]:])} for i in range(min(2, len(prompts)))]
+            diff = {"token_rate": paired_diff((h[:, j], n), (base_h[:, j], base_n), idx),
+                    "mean_act": paired_diff((a[:, j], n), (base_a[:, j], base_n), idx)}
             results.append({"concept": c, "scale": s, "steered": arm_stats(h[:, j], a[:, j], n, idx),
-                            "unsteered": unsteered, "examples": ex})
+                            "unsteered": unsteered, "difference": diff, "examples": ex})
     report = {
         "schema": SCHEMA, "ckpt": cfg.ckpt, "manifest": cfg.manifest, "teacher": teacher,
         "teacher_fingerprint": (m.teacher or {}).get("fingerprint"), "sae_fingerprint": m.sae.get("fingerprint"),
@@ -285,7 +298,8 @@ def evaluate(cfg: SteeringConfig) -> dict:
         "generation": {"new_tokens": cfg.new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
                        "seed": cfg.seed, "paired": "steered and unsteered continuations of a prompt share its seed"},
         "intervals": (f"Wilson for the per-sample rate; percentile bootstrap over samples ({cfg.bootstrap} "
-                      f"resamples, seed {cfg.seed}) for the per-token rate and the mean activation"),
+                      f"resamples, seed {cfg.seed}) for the per-token rate, the mean activation and their paired "
+                      "differences (steered minus unsteered, prompts resampled jointly)"),
         "settings": {k: v for k, v in asdict(cfg).items() if k != "overwrite"},
         "results": results,
     }
@@ -294,27 +308,28 @@ def evaluate(cfg: SteeringConfig) -> dict:
 
 
 def table(report: dict) -> str:
-    """The report as a small text table (what the command prints)."""
-    def pc(x: float) -> str:
-        return f"{100 * x:.1f}%"
+    """The report as a small text table (what the command prints): per concept and scale, steered vs
+    unsteered, and the paired difference with its 95% interval."""
+    def pc(x: float, sign: str = "") -> str:
+        return f"{100 * x:{sign}.1f}%"
 
-    def ci(v: list | tuple, f) -> str:
-        return f"[{f(v[0])}, {f(v[1])}]"
+    def act(x: float, sign: str = "") -> str:
+        return f"{x:{sign}.3f}"
 
-    head = (f"{'concept':>7} {'scale':>6}  {'tokens labelled: steered':>26}  {'unsteered':>22}  "
-            f"{'samples with it: st.':>20}  {'unst.':>6}  {'mean act: steered':>24}  {'unsteered':>22}")
-    lines = [head]
+    def diff(d: dict, f) -> str:
+        return f"{f(d['value'], '+')} [{f(d['ci'][0], '+')}, {f(d['ci'][1], '+')}]"
+
+    lines = [f"{'':14}| {'tokens labelled':^43}| {'samples with it':^17}| {'mean SAE activation':^42}",
+             f"{'concept':>7} {'scale':>6}| {'steered':>8} {'unsteered':>9}  {'difference [95% CI]':<23}| "
+             f"{'steered':>7} {'unst.':>7}  | {'steered':>7} {'unst.':>7}  {'difference [95% CI]':<25}"]
     for r in report["results"]:
-        s, u = r["steered"], r["unsteered"]
-        lines.append(
-            f"{r['concept']:>7} {r['scale']:>6g}  {pc(s['token_rate']):>7} {ci(s['token_rate_ci'], pc):>18}  "
-            f"{pc(u['token_rate']):>7} {ci(u['token_rate_ci'], pc):>14}  "
-            f"{pc(s['sample_rate']):>20}  {pc(u['sample_rate']):>6}  "
-            f"{s['mean_act']:>7.3f} {ci(s['mean_act_ci'], lambda x: f'{x:.3f}'):>16}  "
-            f"{u['mean_act']:>7.3f} {ci(u['mean_act_ci'], lambda x: f'{x:.3f}'):>14}")
+        s, u, d = r["steered"], r["unsteered"], r["difference"]
+        lines.append(f"{r['concept']:>7} {r['scale']:>6g}| {pc(s['token_rate']):>8} {pc(u['token_rate']):>9}  "
+                     f"{diff(d['token_rate'], pc):<23}| {pc(s['sample_rate']):>7} {pc(u['sample_rate']):>7}  | "
+                     f"{act(s['mean_act']):>7} {act(u['mean_act']):>7}  {diff(d['mean_act'], act):<25}")
     r0 = report["results"][0]["steered"]
     lines.append(f"{r0['samples']} samples x {r0['tokens'] // max(1, r0['samples'])} labelled tokens per arm; "
-                 f"95% intervals: {report['intervals']}")
+                 f"95% intervals: {report['intervals']}; per-arm intervals in the report")
     return "\n".join(lines)
 
 

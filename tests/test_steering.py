@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.steering import arm_stats, label_counts, main, wilson
+from pipeline.steering import arm_stats, label_counts, main, paired_diff, wilson
 from shards import load_manifest
 from tests.helpers import extract_config
 
@@ -63,6 +63,17 @@ def test_arm_stats_intervals_hold_the_estimate():
         assert lo <= s[key] <= hi and lo < hi
 
 
+def test_paired_difference_resamples_prompts_jointly():
+    """Identical arms: every resample's difference is 0 (independent resampling of the arms would not give that)."""
+    rng = np.random.default_rng(1)
+    num, den = rng.integers(0, 4, 20).astype(float), np.full(20, 8)
+    idx = rng.integers(0, 20, size=(300, 20))
+    d = paired_diff((num, den), (num, den), idx)
+    assert d == {"value": 0.0, "ci": (0.0, 0.0)}
+    shifted = paired_diff((num + 1, den), (num, den), idx)
+    assert shifted["value"] == pytest.approx(20 / 160) and shifted["ci"] == pytest.approx((20 / 160, 20 / 160))
+
+
 def test_steering_end_to_end(extraction, students, tiny_teacher_dir, stage2_data, tmp_path, capsys):
     from pipeline.browse import main as browse_main
 
@@ -85,6 +96,10 @@ def test_steering_end_to_end(extraction, students, tiny_teacher_dir, stage2_data
                 assert lo - 1e-12 <= a[key] <= hi + 1e-12
         assert r["unsteered"] == rep["results"][0 if r["concept"] == 3 else 2]["unsteered"]
         assert len(r["examples"]) == 2
+        for key in ("token_rate", "mean_act"):
+            d = r["difference"][key]
+            assert d["value"] == pytest.approx(r["steered"][key] - r["unsteered"][key], abs=1e-12)
+            assert d["ci"][0] - 1e-12 <= d["value"] <= d["ci"][1] + 1e-12
     # A large scale changes what the student writes (same prompts, same sampling seeds).
     assert any(e["steered"] != e["unsteered"] for r in rep["results"] for e in r["examples"])
     # The same command again refuses to replace the report without --overwrite; with it, same bytes.
