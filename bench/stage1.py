@@ -2,7 +2,7 @@
 the driver's CPU time per shard; the tail tokens packing per task drops; and stage 1's peak memory on a
 single huge document.
 
-    python bench/stage1.py [--corpus PATH ...] [--tokenizer smollm2-135m] [--seq-len 512] [--task-mb 0.25]
+    python bench/stage1.py [--corpus PATH ...] [--copies 4] [--tokenizer smollm2-135m] [--seq-len 512] [--task-mb 1]
                            [--tail-seq-lens 512 1024] [--tail-task-mb 0.25 1 4 64] [--json bench/results/stage1.json]
     python bench/stage1.py --memory 20 50 [--code OTHER_CHECKOUT]
     python bench/stage1.py --smoke --tokenizer DIR   # a small generated corpus: checks the script runs
@@ -12,7 +12,10 @@ driver's one-off tokenizer load and Ray start-up are excluded), as logged in OUT
 worker processes are started by a warm-up run first, so the figures are the steady state of a long run
 (a worker process builds its tokenizer once, on its first task). The driver's CPU time (its
 ``time.process_time`` over the same span, logged in runs.jsonl: submitting, tracking, packing val,
-assembling and saving the manifest) is divided by the shards written. Each variant runs ``--repeats``
+assembling and saving the manifest) is divided by the shards written. The timed runs read ``--copies``
+copies of the corpus (links under distinct names: 17 MB, ~4M tokens for the OWT sample), so a run lasts
+seconds, not the ~1.8 s of one copy, where waiting for the last task and each worker's first one weigh
+on a 2-worker ratio (1.65x on one copy vs 1.74x on four, idle machine, 2026-11-29). Each variant runs ``--repeats``
 times, interleaved, and the best run is shown (the load of a shared machine drifts). Tokens per CPU second
 (of this process and the embedded Ray's processes, from /proc) does not depend on that load: equal for 1
 and 2 workers means a second worker adds no work per token. Every variant must write byte-identical
@@ -162,13 +165,27 @@ def tail_sweep(corpus: list[str], tokenizer: str, seq_lens: list[int], task_mbs:
     return rows
 
 
+def linked_copies(corpus: list[str], copies: int, folder: Path) -> list[str]:
+    """``copies`` copies of the corpus files as symbolic links with distinct names in one folder (so
+    their documents get distinct ids: a source id is the path relative to the folder given)."""
+    from common.corpus_sources import expand_sources
+
+    folder.mkdir(parents=True)
+    for k in range(copies):
+        for i, (_, location, _) in enumerate(expand_sources(corpus)):
+            (folder / f"copy{k}-{i:04d}-{Path(location).name}").symlink_to(Path(location).absolute())
+    return [str(folder)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", nargs="+", default=[str(DEFAULT)])
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--task-mb", type=float, default=0.25,
-                   help="task size of the timed runs (the 4.2 MB OWT sample: 17 tasks)")
+    p.add_argument("--copies", type=int, default=4,
+                   help="the timed runs read this many copies of --corpus (distinct names, linked, not copied)")
+    p.add_argument("--task-mb", type=float, default=1.0,
+                   help="task size of the timed runs (4 copies of the 4.2 MB OWT sample: 20 tasks)")
     p.add_argument("--tail-seq-lens", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--tail-task-mb", type=float, nargs="+", default=[0.25, 1.0, 4.0, 64.0])
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant; the best is shown")
@@ -203,12 +220,13 @@ def main() -> None:
         else:  # warm-up: Ray's worker processes start (and build their tokenizer) before any clock runs
             run(TokenizeConfig(corpus=[str(smoke_corpus(Path(tmp) / "warm.txt", 400))], tokenizer=a.tokenizer,
                                out=f"{tmp}/warm", seq_len=32, task_mb=0.01, num_workers=2))
+        timed = a.corpus if a.smoke or a.copies <= 1 else linked_copies(a.corpus, a.copies, Path(tmp) / "copies")
         # Interleaved repeats, best of each: on a shared machine the load drifts during a run.
         for rep in range(1 if a.smoke else a.repeats):
             for name, key, kw in variants:
                 out = Path(f"{tmp}/{key}-{rep}")
                 cpu = cpu_seconds()
-                m = run(TokenizeConfig(corpus=a.corpus, tokenizer=a.tokenizer, out=str(out), seq_len=a.seq_len,
+                m = run(TokenizeConfig(corpus=timed, tokenizer=a.tokenizer, out=str(out), seq_len=a.seq_len,
                                        task_mb=a.task_mb, **kw))
                 cpu = cpu_seconds() - cpu
                 shards = sum(len(s.shards) for s in m.splits.values())
@@ -227,9 +245,14 @@ def main() -> None:
         identical = all(r["files"] == rows[0]["files"] for r in rows)
         tails = tail_sweep(a.corpus, a.tokenizer, sorted(set(a.tail_seq_lens) | {a.seq_len}),
                            sorted(set(a.tail_task_mb) | {a.task_mb}))
+        # The sweep's arithmetic checked against the timed run (its copies make other tasks).
+        measured = tails if timed is a.corpus else tail_sweep(timed, a.tokenizer, [a.seq_len], [a.task_mb])
+        measured = next(t for t in measured if t["seq_len"] == a.seq_len and t["task_mb"] == a.task_mb)
+        assert measured["tail_tokens"] == rows[0]["tail"], (measured, rows[0]["tail"])
     load_after = os.getloadavg()
     base = rows[0]["tps"]
-    print(f"\ncorpus: {a.corpus}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
+    copies = "" if timed is a.corpus else f" x {a.copies} copies"
+    print(f"\ncorpus: {a.corpus}{copies}, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; seq_len {a.seq_len}, --task-mb {a.task_mb:g} ({rows[0]['tasks']} tasks, "
           f"{rows[0]['shards']} shards)\n"
           f"{'variant':24s} {'tokens/s':>10s} {'wall s':>8s} {'vs driver':>10s} {'driver CPU s/shard':>19s} "
@@ -248,8 +271,7 @@ def main() -> None:
     for t in tails:
         print(f"{t['seq_len']:7d} {t['task_mb']:9g} {t['tasks']:6d} {t['tail_tokens']:11,d} {t['per_task']:9.1f} "
               f"{t['fraction']:9.3%}")
-    measured = next(t for t in tails if t["seq_len"] == a.seq_len and t["task_mb"] == a.task_mb)
-    assert measured["tail_tokens"] == rows[0]["tail"], (measured, rows[0]["tail"])  # the sweep matches the run
+    per_task = next(t for t in tails if t["seq_len"] == a.seq_len and t["task_mb"] == a.task_mb)["per_task"]
     assert identical, "files differ between variants"
     print("shards byte-identical across variants: yes (every file written, manifest included)")
     if a.json:
@@ -262,7 +284,8 @@ def main() -> None:
                "tokens_per_cpu_s": {r["key"]: round(r["tokens_per_cpu_s"], 1) for r in rows},
                "driver_cpu_s_per_shard": max(r["cpu_per_shard"] for r in rows if r["key"] != "in_process")
                if len(rows) > 1 else rows[0]["cpu_per_shard"],
-               "tail_tokens_per_partition": measured["per_task"], "tail_tokens": tails,
+               "copies": 1 if timed is a.corpus else a.copies,
+               "tail_tokens_per_partition": per_task, "tail_tokens": tails,
                "bytes_identical": identical}
         a.json.write_text(json.dumps(rec, indent=2) + "\n")
         print(f"figures: {a.json}")
