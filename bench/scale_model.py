@@ -13,7 +13,8 @@ A stage runs at the smallest of its limits (tokens/s), each from one measured fi
     worker's tokens/s, at most one task per input partition; the driver (tokens per shard / its CPU
     seconds per shard); storage (corpus bytes read + token bytes written).
   stage 2, K GPUs: K x one GPU's tokens/s; the driver's manifest bookkeeping per shard (at 10k shards);
-    storage (token bytes read + concept bytes written); plus the start-up sha256 of every token shard.
+    storage (token bytes read + concept bytes written); plus the start-up sha256 of every token shard
+    (8 threads on the driver).
   training, K GPUs, data parallel: K x one GPU's tokens/s for the preset; the loader; storage (the
     fields CoCoMix reads); plus --verify open (sha256 of every part, 8 threads per rank).
 What no bench measures is a flag printed with the table (storage bandwidth, cores per node), and a
@@ -39,7 +40,7 @@ from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli 
 
 CORPORA = {"OpenWebText (9B tokens)": 9e9, "1T tokens": 1e12}
 PRESETS = ("69m", "386m", "1.38b")  # the paper's sizes (trainer/config.py)
-VERIFY_THREADS = 8  # shards/dataset.py verify_parts: min(8, CPUs) threads per rank
+VERIFY_THREADS = 8  # shards verify_parts and checksums: min(8, CPUs) threads per rank / stage-2 driver
 # Fields each consumer reads (trainer/validate.py for CoCoMix); stage 2's defaults (pipeline/extract_runner.py
 # RunnerConfig: k_attr 4, k_mix 32, no KD) decide what it writes.
 COCOMIX_READS = ("tokens", "concept_ids", "concept_scores")
@@ -400,9 +401,9 @@ def _stage2_common(inp: Inputs, c: Cell, tokens: float) -> None:
     io = inp.bytes_per_token(("tokens",) + STAGE2_WRITES)
     c.limits.append(Limit("storage", inp.cfg.storage_gbps * 1e9 / io,
                           f"{inp.cfg.storage_gbps:g} GB/s / {io:.1f} B per token (tokens read + concepts written)"))
-    if _need(inp, c, "checksum_gbps"):  # pipeline/extract_plan.py verify_token_shards: one core, first
+    if _need(inp, c, "checksum_gbps"):  # pipeline/extract_plan.py verify_token_shards: the driver, 8 threads
         gb = tokens * inp.bytes_per_token(("tokens",)) / 1e9
-        c.startup_s = gb / min(f["checksum_gbps"].value, inp.cfg.storage_gbps)
+        c.startup_s = gb / min(VERIFY_THREADS * f["checksum_gbps"].value, inp.cfg.storage_gbps)
         c.notes.append(f"start-up sha256 of {gb:,.0f} GB of token shards: {fmt_time(c.startup_s)}")
 
 
