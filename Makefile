@@ -21,7 +21,7 @@ test-slow: install
 	$(PY) -m pytest -m slow
 
 demo: install
-	$(PY) -m recipes.demo --run $(RUN) $(if $(CORPUS),--corpus $(CORPUS))
+	$(PY) -m recipes.demo --run $(RUN) --tensorboard $(if $(CORPUS),--corpus $(CORPUS))
 
 lint: install
 	$(PY) -m ruff check .

@@ -107,6 +107,9 @@ class DemoConfig:
     """Where the demo's manifests are saved."""
     ray_address: str = "local"
     """'local': a private embedded Ray (never another job's running cluster); or an address."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files for the SAE and both students (view them side by side:
+    tensorboard --logdir RUN; needs the tensorboard extra; `make demo` turns it on)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +159,8 @@ def run(a: DemoConfig) -> int:
     sae_dir = run_dir / "sae"
     sae_summary, fresh_sae = train_sae(SaeConfig(
         teacher=a.teacher, layer=a.layer, tokens=str(run_dir / "tokens"), n_latents=a.sae_latents, k=a.sae_k,
-        max_tokens=a.sae_tokens, batch_size=1024, buffer_tokens=16384, teacher_batch=8, out=str(sae_dir)), elsewhere)
+        max_tokens=a.sae_tokens, batch_size=1024, buffer_tokens=16384, teacher_batch=8, out=str(sae_dir),
+        tensorboard=a.tensorboard), elsewhere)
     walls["SAE"] = time.perf_counter() - t
 
     t = announce(3, 7, "stage 2: teacher + SAE -> concept labels (Ray)", lead="\n")
@@ -174,7 +178,8 @@ def run(a: DemoConfig) -> int:
         out = run_dir / "students" / mode
         summary = train_student(TrainConfig(
             shards=str(concept_manifest), preset=a.preset, mode=mode, steps=a.steps, micro_batch=a.micro_batch,
-            eval_every=a.eval_every, ckpt_every=a.eval_every, out_dir=str(out), resume="auto", seed=0))
+            eval_every=a.eval_every, ckpt_every=a.eval_every, out_dir=str(out), resume="auto", seed=0,
+            tensorboard=a.tensorboard))
         curve = [(p["tokens"], p["val_loss"]) for p in read_curve(out)]
         results[mode] = {"curve": curve, "params": summary.get("params"), "tokens": summary.get("tokens")}
     walls["students"] = time.perf_counter() - t
@@ -221,6 +226,8 @@ def run(a: DemoConfig) -> int:
     print(f"  steered (concept {cid} x {a.steer_scale}, the most frequent first label): {gens['steered']!r}")
     print(f"  plot: {png}   summary: {run_dir / 'summary.json'}   manifest: {concept_manifest}")
     print(f"  wall time: {summary['wall_s']}")
+    if a.tensorboard:
+        print(f"  curves of the SAE and both students: tensorboard --logdir {run_dir.absolute()}")
     print(f"  concept browser ({site['concepts']:,} concepts; open it in a browser, no server needed): "
           f"file://{site['site']}")
     return 0
