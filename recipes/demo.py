@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli import Parser, add_dataclass_args, dataclass_from_args, run_cli
 from recipes.steps import (
@@ -32,6 +33,9 @@ from recipes.steps import (
     train_sae,
     train_student,
 )
+
+if TYPE_CHECKING:
+    from pipeline.stage1 import TokenizeConfig
 
 
 def most_labelled_concept(manifest) -> tuple[int, int]:
@@ -112,6 +116,21 @@ class DemoConfig:
     tensorboard --logdir RUN; needs the tensorboard extra; `make demo` turns it on)."""
 
 
+def default_corpus_path(a: DemoConfig) -> Path:
+    """Where the default corpus is written (its path is part of stage 1's recorded settings)."""
+    return Path(a.run) / "corpus" / f"sotu-{a.corpus_chars}.txt"
+
+
+def stage1_config(a: DemoConfig, corpus: list[str]) -> TokenizeConfig:
+    """Stage 1's config for the demo (tests/test_manifests.py checks the shipped manifests/demo-tokens.json
+    against it: a stale shipped manifest would make `make demo` refuse to replace it on a fresh clone)."""
+    from pipeline.stage1 import TokenizeConfig
+
+    return TokenizeConfig(corpus=corpus, tokenizer=a.teacher, out=str(Path(a.run) / "tokens"), seq_len=a.seq_len,
+                          val_fraction=a.val_fraction, manifest=str(Path(a.manifests) / "demo-tokens.json"),
+                          ray_address=a.ray_address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
     add_dataclass_args(p, DemoConfig)
@@ -128,7 +147,6 @@ def run(a: DemoConfig) -> int:
     from pipeline.browse import BrowseConfig
     from pipeline.browse import build as browse
     from pipeline.extract import ExtractConfig
-    from pipeline.stage1 import TokenizeConfig
     from recipes.demo_corpus import write_sotu_corpus
     from sae.train import TrainConfig as SaeConfig
     from trainer.checkpoint import load_model_from
@@ -149,10 +167,8 @@ def run(a: DemoConfig) -> int:
     if record.is_file() and json.loads(record.read_text()) != chosen:
         raise ValueError(f"{run_dir} holds a demo run with other settings ({record}): {elsewhere}")
     record.write_text(json.dumps(chosen, indent=2))
-    corpus = a.corpus or [str(write_sotu_corpus(run_dir / "corpus" / f"sotu-{a.corpus_chars}.txt", a.corpus_chars))]
-    tok_m = tokenize(TokenizeConfig(corpus=corpus, tokenizer=a.teacher, out=str(run_dir / "tokens"), seq_len=a.seq_len,
-                                    val_fraction=a.val_fraction, manifest=str(mdir / "demo-tokens.json"),
-                                    ray_address=a.ray_address))
+    corpus = a.corpus or [str(write_sotu_corpus(default_corpus_path(a), a.corpus_chars))]
+    tok_m = tokenize(stage1_config(a, corpus))
     walls["stage 1"] = time.perf_counter() - t
 
     t = announce(2, 7, f"SAE: {a.sae_latents} latents, TopK {a.sae_k}, on block {a.layer} of {a.teacher}", lead="\n")

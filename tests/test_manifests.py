@@ -32,3 +32,17 @@ def test_shipped_manifest_data_when_present(path):
     for split in m.splits:
         ds = open_split(m, split, verify="open")
         assert ds[len(ds) - 1]["tokens"].shape == (m.seq_len + 1,)
+
+
+def test_shipped_demo_manifest_has_the_settings_make_demo_records_now():
+    """`make demo` on a fresh clone replaces manifests/demo-tokens.json only when it describes the same
+    stage-1 dataset; a stage-1 setting added or changed since it was shipped (split_rule, task_mb in
+    issue 14) made make demo refuse it. Regenerate it with `make demo` when this fails."""
+    from pipeline.stage1_config import settings_record
+    from recipes.demo import DemoConfig, default_corpus_path, stage1_config
+
+    m = load_manifest(Path(__file__).resolve().parents[1] / "manifests" / "demo-tokens.json")
+    a = DemoConfig()
+    cfg = stage1_config(a, [str(default_corpus_path(a))])
+    want = settings_record(cfg, m.tokenizer, m.settings["windows_per_shard"])
+    assert m.settings == want
