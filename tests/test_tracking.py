@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -181,6 +182,12 @@ def test_trainer_tensorboard_equals_metrics_and_a_resume_shows_each_step_once(da
     assert tb["loss"][3] == pytest.approx(first["loss"][3], rel=1e-6)
 
 
+def of_run(folder: Path, run_id: str) -> bool:
+    """W&B names an offline run's folder offline-run-<date>_<time>-<id>, adding -1, -2 ... when two
+    attempts of one run start within the same second."""
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", folder.name) is not None
+
+
 def test_trainer_wandb_offline_logs_the_rows_and_a_rerun_continues_the_run(data, tmp_path, offline_wandb):
     out = tmp_path / "o"
     train(cfg(data, out, wandb="cocomix-test", wandb_name="tiny", halt_after=3))
@@ -188,7 +195,7 @@ def test_trainer_wandb_offline_logs_the_rows_and_a_rerun_continues_the_run(data,
     train(cfg(data, out, wandb="cocomix-test", wandb_name="tiny"))
     assert json.loads((out / tracking.WANDB_RUN).read_text()) == saved  # the same W&B run continues
     runs = sorted((offline_wandb / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith("-" + saved["id"]) for r in runs)
+    assert len(runs) == 2 and all(of_run(r, saved["id"]) for r in runs)
     assert not (out / "wandb").exists()  # WANDB_DIR wins over the run directory
     metrics = {r["step"]: numeric(r) for r in rows(out)}
     logged: dict[int, dict[str, float]] = {}
@@ -350,7 +357,7 @@ def test_sae_train_tensorboard_and_wandb_equal_metrics_after_a_crash_and_rerun(t
     assert {"fvu", "auxk", "l0", "dead", "lr", "tokens", "wall_s"} <= set(tb)
     run_id = json.loads((out / tracking.WANDB_RUN).read_text())["id"]
     logged: dict[int, dict[str, float]] = {}
-    for run in sorted((offline_wandb / "wandb").glob(f"offline-run-*-{run_id}")):
+    for run in sorted(r for r in (offline_wandb / "wandb").glob("offline-run-*") if of_run(r, run_id)):
         rid, config, history = wandb_run(run)
         assert config["n_latents"] == 256 and config["lr_resolved"] > 0
         logged.update(history)
