@@ -110,6 +110,18 @@ def stage2_data(tmp_path_factory, tiny_teacher_dir, ray_local) -> Path:
 
 
 @pytest.fixture(scope="module")
+def extraction(stage2_data, tiny_teacher_dir) -> Path:
+    """A finished concept extraction (no KD fields) of the tiny teacher + SAE over ``stage2_data``, both
+    splits: its manifest (the browser's and the steering evaluation's input)."""
+    from pipeline.extract import run
+
+    manifest = stage2_data / "concepts.json"
+    run(extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "ex"), manifest=str(manifest),
+                       k_kd=0, batch_size=4))
+    return manifest
+
+
+@pytest.fixture(scope="module")
 def stage2_reference(stage2_data, tiny_teacher_dir) -> dict[str, bytes]:
     """The concept shards' bytes of one uninterrupted stage-2 run over ``stage2_data`` (batch size 4)."""
     from pipeline.extract import run

@@ -21,20 +21,8 @@ from pipeline.browse import main as browse_main
 from pipeline.browse_stats import Aggregate, aggregate, contexts, split_order
 from shards import load_manifest, open_split
 from shards.fields import as_float32
-from tests.helpers import extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
-
-
-@pytest.fixture(scope="module")
-def extraction(stage2_data, tiny_teacher_dir) -> Path:
-    """A finished concept extraction of the tiny teacher + SAE over ``stage2_data`` (both splits)."""
-    from pipeline.extract import run
-
-    manifest = stage2_data / "browse.json"
-    run(extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "ex"), manifest=str(manifest),
-                       k_kd=0, batch_size=4))
-    return manifest
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,8 @@ import pytest
 
 from pipeline.steering import arm_stats, label_counts, main, paired_diff, wilson
 from shards import load_manifest
-from tests.helpers import extract_config
 
 pytestmark = pytest.mark.usefixtures("ray_local", "one_thread")
-
-
-@pytest.fixture(scope="module")
-def extraction(stage2_data, tiny_teacher_dir) -> Path:
-    from pipeline.extract import run
-
-    manifest = stage2_data / "steer.json"
-    run(extract_config(stage2_data, tiny_teacher_dir, out=str(stage2_data / "ex"), manifest=str(manifest),
-                       k_kd=0, batch_size=4))
-    return manifest
 
 
 @pytest.fixture(scope="module")
