@@ -64,6 +64,9 @@ def test_ddp_two_ranks_match_single_process(tmp_path, mode):
         for k in ("loss", "ntp_loss", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
     assert ddp[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=2e-5)
+    if mode == "cocomix":  # label counts and recall hits are summed over ranks (trainer/concept_metrics.py)
+        assert ddp[-1]["val_concept_recall_prior"] == single[-1]["val_concept_recall_prior"]
+        assert ddp[-1]["val_concept_recall"] == pytest.approx(single[-1]["val_concept_recall"], abs=0.02)
     ddp_ckpt = checkpoint.latest(tmp_path / "ddp" / "ckpt")
     assert ddp_ckpt.name == "step-000005"
     cfg = json.loads((ddp_ckpt / "config.json").read_text())

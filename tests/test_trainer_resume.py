@@ -25,9 +25,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def losses(out: Path) -> dict[int, tuple[float, float]]:
-    """step -> (loss, grad_norm), the last line written for each step (a resumed run rewrites some)."""
+    """step -> (loss, grad_norm, val loss, concept recall and its prior), the last line written for each
+    step (a resumed run rewrites some)."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["grad_norm"], r.get("val_loss")) for r in rows}
+    return {r["step"]: (r["loss"], r["grad_norm"], r.get("val_loss"), r.get("val_concept_recall"),
+                        r.get("val_concept_recall_prior")) for r in rows}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -46,7 +48,8 @@ def test_kill_and_resume_gives_identical_losses(data, tmp_path, workers):
     assert resumed["step"] == 12 and full["step"] == 12
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 13))
-    assert a == b  # exact equality of losses, grad norms and val losses at every step
+    assert a == b  # exact equality of losses, grad norms, val losses and concept recalls at every step
+    assert all(a[s][3] is not None and a[s][4] is not None for s in (3, 6, 9, 12))  # evals after the resume too
     wa = load_file(str(checkpoint.latest(tmp_path / "full" / "ckpt") / "model.safetensors"))
     wb = load_file(str(checkpoint.latest(tmp_path / "part" / "ckpt") / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

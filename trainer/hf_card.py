@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-_VAL_KEYS = ("val_loss", "val_ppl", "val_concept_loss", "val_kd_loss")
+_VAL_KEYS = ("val_loss", "val_ppl", "val_concept_loss", "val_kd_loss", "val_concept_recall",
+             "val_concept_recall_prior")
 
 
 def tokens_seen(step_dir: Path, cfg: dict[str, Any]) -> int | None:

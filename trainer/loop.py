@@ -24,7 +24,7 @@ import torch.distributed as dist
 from common import tracking
 from shards import load_manifest, open_split
 from shards.dataset import verify_parts
-from trainer import checkpoint, rundir
+from trainer import checkpoint, concept_metrics, rundir
 from trainer.config import TrainConfig
 from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
 from trainer.model import GPT
@@ -104,6 +104,17 @@ class Trainer:
         if shared:
             self._verify_shared()
         self.sampler = StepSampler(len(self.train_ds), self.G, cfg.seed)
+        # Concept recall and its label-frequency floor (trainer/concept_metrics.py), with any model that
+        # predicts concepts and reads labels; the prior's table is counted once, here, from the train split.
+        self.prior: torch.Tensor | None = None
+        if self.val_ds is not None and self.model_cfg.concept is not None and all(
+            f in self.fields for f in concept_metrics.label_fields(cfg.labels)
+        ):
+            counts = concept_metrics.label_counts(
+                self.train_ds, cfg.labels, self.k_attr, self.model_cfg.concept.n_concepts, self.dtypes, self.rank,
+                self.world, self.device, progress=cfg.progress and self.rank == 0,
+            )
+            self.prior = concept_metrics.prior_table(counts, self.model_cfg.concept.topk)
 
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.model = GPT(self.model_cfg).to(self.device)
@@ -206,9 +217,11 @@ class Trainer:
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _losses(self, batch: dict[str, torch.Tensor], model, concept_denom: float | None = None) -> Any:
+    def _losses(self, batch: dict[str, torch.Tensor], model, concept_denom: float | None = None, out=None) -> Any:
+        """The objectives of ``batch``; ``out``: the model's output on it when the caller already ran it."""
         cfg = self.cfg
-        out = model(batch["tokens"][:, :-1])
+        if out is None:
+            out = model(batch["tokens"][:, :-1])
         concept_on = self.model_cfg.concept.concept_loss if self.model_cfg.concept else False
         return compute_losses(
             out, batch, cfg.mode, cfg.labels, self.k_attr, cfg.lambda_concept, cfg.lambda_kd, concept_on, concept_denom
@@ -226,17 +239,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean NTP loss (and concept / KD loss) over the first eval_windows val windows."""
+        """Mean NTP loss (and concept / KD loss, concept recall) over the first eval_windows val windows."""
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # ntp, concept, kd, windows
+        sums = torch.zeros(7, dtype=torch.float64)  # ntp, concept, kd, windows, recall hits, prior hits, labels
         for batch in eval_batches(
             self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world, self.fields, self.dtypes
         ):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast:
-                losses = self._losses(batch, self.model)
+                pred = self.model(batch["tokens"][:, :-1])
+                losses = self._losses(batch, self.model, out=pred)
+            if self.prior is not None:
+                ids, valid = concept_targets(batch, self.cfg.labels, self.k_attr)
+                hits, n_labels = concept_metrics.topk_hits(pred.concept_ids, ids, valid)
+                sums[4:] += torch.tensor([hits, concept_metrics.prior_hits(self.prior, ids, valid), n_labels],
+                                         dtype=torch.float64)
             n = batch["tokens"].shape[0]
-            sums += torch.tensor([
+            sums[:4] += torch.tensor([
                 losses.ntp.item() * n,
                 (losses.concept.item() if losses.concept is not None else 0.0) * n,
                 (losses.kd.item() if losses.kd is not None else 0.0) * n,
@@ -254,6 +273,8 @@ class Trainer:
             out["val_concept_loss"] = sums[1].item() / n
         if self.cfg.mode == "kd":
             out["val_kd_loss"] = sums[2].item() / n
+        if self.prior is not None:
+            out.update(concept_metrics.recall_metrics(sums[4].item(), sums[5].item(), sums[6].item()))
         return out
 
     def save(self) -> None:
