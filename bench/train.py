@@ -40,11 +40,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards import load_manifest, open_split  # noqa: E402
-from trainer.config import PRESETS, ConceptConfig, ModelConfig, get_preset  # noqa: E402
+from trainer.config import PRESETS, ConceptConfig, ModelConfig, TrainConfig, get_preset  # noqa: E402
 from trainer.data import StepBatches, StepSampler, step_loader  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 from trainer.objectives import compute_losses  # noqa: E402
 from trainer.synthetic import write_manifest  # noqa: E402
+
+LOSS_CHUNK: int = TrainConfig.__dataclass_fields__["loss_chunk"].default  # the trainer's default
 
 # The paper's 69M CoCoMix and its teacher (docs/method.md sections 1 and 2.5).
 PAPER = dict(n_layer=8, d=512, d_ntp=624, n_head=8, l_ins=3, C=32768, k=32, T=1024, V=50304,
@@ -79,8 +81,9 @@ def sync(device) -> None:
 class StudentStep:
     """The trainer's step: forward, losses, backward, clip, AdamW (loop.py's body)."""
 
-    def __init__(self, model: GPT, device, compile_: bool = False):
+    def __init__(self, model: GPT, device, compile_: bool = False, chunk: int | None = None):
         self.model, self.device = model, device
+        self.chunk = LOSS_CHUNK if chunk is None else chunk  # LM-head positions per chunk, 0 = full logits
         self.fwd = torch.compile(model) if compile_ else model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                      fused=device.type == "cuda")
@@ -89,8 +92,8 @@ class StudentStep:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         with self.amp:
-            out = self.fwd(batch["tokens"][:, :-1])
-            loss = compute_losses(out, batch, self.mode).total
+            out = self.fwd(batch["tokens"][:, :-1], head=self.chunk == 0)
+            loss = compute_losses(out, batch, self.mode, head_weight=self.model.lm_head.weight, chunk=self.chunk).total
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -192,6 +195,73 @@ def preset_steps(names: list[str], batch: int, warmup: int, iters: int, device, 
     return out
 
 
+def _head_child(preset: str, mode: str, chunk: int, batch: int, warmup: int, iters: int, device: str,
+                threads: int, q) -> None:
+    """(e) one variant in a fresh process (peak RSS is per process): median step time, peak RSS and the
+    system (kernel) CPU time per step."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cfg = get_preset(preset, mode)
+    cfg.vocab_size = HEAD_VOCAB
+    T, V = cfg.block_size, cfg.vocab_size
+    C = cfg.concept.n_concepts if cfg.concept else 2
+    g = torch.Generator().manual_seed(0)
+    b = {"tokens": torch.randint(0, V, (batch, T + 1), generator=g),
+         "concept_ids": torch.randint(0, C, (batch, T, 4), generator=g),
+         "concept_scores": torch.rand(batch, T, 4, generator=g) + 0.1}
+    b = {k: v.to(dev) for k, v in b.items()}
+    torch.manual_seed(0)
+    step = StudentStep(GPT(cfg).to(dev), dev, chunk=chunk)
+    for _ in range(warmup):
+        step(b)
+    times, sys_s = [], []
+    for _ in range(iters):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        step(b)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        sys_s.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime)
+    q.put({"step_s": sorted(times)[len(times) // 2], "sys_s_per_step": sum(sys_s) / len(sys_s),
+           "tokens_per_s": batch * T / sorted(times)[len(times) // 2], "peak_memory_mb": peak_memory_mb(dev)})
+
+
+HEAD_VOCAB = 49152  # SmolLM2's tokenizer, the students' vocabulary in the demo and recipes
+
+
+def head_compare(preset: str, chunks: list[int], batch: int, warmup: int, iters: int, device, threads: int,
+                 rounds: int = 2) -> dict:
+    """(e) the chunked LM head + loss (trainer/chunked_ce.py) vs the full (B, T, V) logits, per mode, each
+    variant in its own process, alternated over ``rounds`` (the better round of each is kept)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out: dict = {}
+    for mode in ("ntp", "cocomix"):
+        best: dict[int, dict] = {}
+        for _ in range(rounds):
+            for c in chunks:
+                q = ctx.Queue()
+                args = (preset, mode, c, batch, warmup, iters, str(device), threads, q)
+                p = ctx.Process(target=_head_child, args=args)
+                p.start()
+                r = q.get()
+                p.join()
+                if c not in best or r["step_s"] < best[c]["step_s"]:
+                    best[c] = r
+        out[mode] = {str(c): r for c, r in best.items()}
+        base = best[chunks[0]]
+        for c in chunks:
+            r = best[c]
+            print(f"(e) {preset} {mode:8s} V={HEAD_VOCAB} batch {batch}: loss chunk {c or 'full':>5}  "
+                  f"{r['tokens_per_s']:8,.0f} tok/s ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)  "
+                  f"peak RSS {r['peak_memory_mb']:7,.0f} MB ({r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x)  "
+                  f"system {r['sys_s_per_step'] * 1e3:6.0f} ms/step "
+                  f"({r['sys_s_per_step'] / max(base['sys_s_per_step'], 1e-9):.2f}x)", flush=True)
+    return out
+
+
 def timeit(fns: dict, warmup: int, iters: int, device) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin (one call of each per round) so
     that load from other processes spreads evenly over the contenders."""
@@ -220,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile the students")
     p.add_argument("--presets", nargs="*", default=[], choices=sorted(PRESETS), metavar="PRESET",
                    help=f"(d) also time a training step of these trainer presets ({', '.join(PRESETS)})")
+    p.add_argument("--head-compare", default="", choices=["", *sorted(PRESETS)], metavar="PRESET",
+                   help="(e) the chunked LM head and loss vs full logits on this preset (V=49152), each in a "
+                   "fresh process: tokens/s, peak RSS, system time, as ratios to the first of --head-chunks")
+    p.add_argument("--head-chunks", type=int, nargs="+", default=[0, LOSS_CHUNK],
+                   help=f"(e) loss chunks to compare, 0 = full logits (default 0 {LOSS_CHUNK})")
+    p.add_argument("--head-only", action="store_true", help="run only (e)")
     p.add_argument("--json", default="", help="also write the results here (bench/scale_model.py reads them)")
     p.add_argument("--smoke", action="store_true", help="shapes / 16, batch 2, one timed step, short loader runs, "
                    "(d) on the tiny preset: checks the script runs")
@@ -229,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.scale, a.batch, a.iters, a.warmup = 16, 2, 1, 1
         loader_s, loader_steps = 0.2, 20
         a.presets = ["tiny"]
+        a.head_compare = a.head_compare or "tiny"
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -239,6 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
                  "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                  "command": " ".join(["python", "bench/train.py", *(argv if argv is not None else sys.argv[1:])]),
                  "scale": a.scale, "shapes": s, "batch": B}
+    if a.head_only:
+        if not a.head_compare:
+            p.error("--head-only needs --head-compare PRESET")
+        res["e_head"] = head_compare(a.head_compare, a.head_chunks, B, a.warmup, a.iters, dev, a.threads)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        return res
     print(f"shapes (paper / {a.scale}): {json.dumps(s)}; batch {B} x T {T}; device {res['device']}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.presets:  # (d)
         res["d_presets"] = preset_steps(a.presets, B, a.warmup, a.iters, dev, a.compile)
     res["peak_memory_mb"] = peak_memory_mb(dev)
+    if a.head_compare:  # (e), after peak_memory_mb: its variants run in their own processes
+        res["e_head"] = head_compare(a.head_compare, a.head_chunks, B, a.warmup, a.iters, dev, a.threads)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")

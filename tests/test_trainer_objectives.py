@@ -139,7 +139,8 @@ def test_cli_flags_are_frozen_and_documented():
     assert flags == [
         "--beta1", "--beta2", "--ckpt-every", "--compile", "--concept-loss", "--concept-topk", "--device", "--dropout",
         "--eval-every", "--eval-windows", "--grad-accum", "--grad-clip", "--halt-after", "--help", "--insert-layer",
-        "--labels", "--lambda-concept", "--lambda-kd", "--log-every", "--lr", "--max-tokens", "--micro-batch",
+        "--labels", "--lambda-concept", "--lambda-kd", "--log-every", "--loss-chunk", "--lr", "--max-tokens",
+        "--micro-batch",
         "--min-lr-ratio", "--mix", "--mode", "--no-compile", "--no-concept-loss", "--no-progress", "--no-tensorboard",
         "--out-dir", "--preset", "--progress", "--resume", "--seed", "--shards", "--steps", "--tensorboard", "--verify",
         "--wandb", "--wandb-entity", "--wandb-mode", "--wandb-name", "--warmup-steps", "--weight-decay", "--workers",

@@ -229,6 +229,10 @@ class TrainConfig(TrackingOptions):
     """cpu, cuda, cuda:N or auto."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    loss_chunk: int = 4096
+    """Training positions per chunk of the LM head and its NTP / KD loss (trainer/chunked_ce.py): the
+    (batch, T, vocab) logits are never held whole; same values and gradients up to float rounding.
+    0 = the plain full-logits head."""
     halt_after: int = 0
     """Stop after this many steps of this process without finishing the schedule (tests and preemption
     drills); 0 = off."""
@@ -256,6 +260,8 @@ class TrainConfig(TrackingOptions):
         for name in ("eval_every", "eval_windows", "ckpt_every", "halt_after", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"--loss-chunk must be >= 0 (0 = full logits), got {self.loss_chunk}")
         if self.log_every < 1:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
 
@@ -278,9 +284,9 @@ RESUME_KEYS = (
 DERIVED_KEYS = ("preset", "mix", "concept_topk", "insert_layer", "concept_loss", "steps", "max_tokens",
                 "micro_batch", "grad_accum", "shards")
 # Free to differ when a run continues: how it is run, observed and saved, not what it computes.
-# device / compile change float rounding only (bit-exact resume holds on the same device).
+# device / compile / loss_chunk change float rounding only (bit-exact resume holds on the same device).
 FREE_KEYS = ("out_dir", "resume", "workers", "progress", "log_every", "eval_every", "ckpt_every",
-             "halt_after", "verify", "device", "compile", *TRACKING_FIELDS)
+             "halt_after", "verify", "device", "compile", "loss_chunk", *TRACKING_FIELDS)
 
 __all__ = [
     "ConceptConfig", "ModelConfig", "TrainConfig", "PRESETS", "get_preset", "RESUME_KEYS", "DERIVED_KEYS",

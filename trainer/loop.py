@@ -220,11 +220,12 @@ class Trainer:
     def _losses(self, batch: dict[str, torch.Tensor], model, concept_denom: float | None = None, out=None) -> Any:
         """The objectives of ``batch``; ``out``: the model's output on it when the caller already ran it."""
         cfg = self.cfg
-        if out is None:
-            out = model(batch["tokens"][:, :-1])
+        if out is None:  # the LM head runs inside the loss, over cfg.loss_chunk positions at a time
+            out = model(batch["tokens"][:, :-1], head=cfg.loss_chunk == 0)
         concept_on = self.model_cfg.concept.concept_loss if self.model_cfg.concept else False
         return compute_losses(
-            out, batch, cfg.mode, cfg.labels, self.k_attr, cfg.lambda_concept, cfg.lambda_kd, concept_on, concept_denom
+            out, batch, cfg.mode, cfg.labels, self.k_attr, cfg.lambda_concept, cfg.lambda_kd, concept_on, concept_denom,
+            self.model.lm_head.weight, cfg.loss_chunk,
         )
 
     def _concept_denom(self, batch: dict[str, torch.Tensor]) -> float | None:

@@ -92,12 +92,15 @@ class Block(nn.Module):
 
 
 class GPTOut(NamedTuple):
-    logits: torch.Tensor
-    """Next-token logits (B, T, V): position t predicts token t+1."""
+    logits: torch.Tensor | None
+    """Next-token logits (B, T, V): position t predicts token t+1. None when called with head=False."""
     concept_logits: torch.Tensor | None
     """Predicted concept logits z (B, T, C), None without a concept block."""
     concept_ids: torch.Tensor | None
     """The top-k concept ids selected per position (B, T, k), None without a concept block."""
+    hidden: torch.Tensor | None = None
+    """With head=False: the final hidden states (B, T, d) after ln_f, which the LM head would read
+    (trainer/chunked_ce.py computes the head and its losses over chunks of them)."""
 
 
 class GPT(nn.Module):
@@ -139,9 +142,11 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         steer: dict[int, float] | None = None,
         steer_from: int = 0,
+        head: bool = True,
     ) -> GPTOut:
         """idx (B, T) token ids. With ``cache`` the tokens continue the cached ones. ``steer`` scales
-        predicted concept logits at positions >= ``steer_from`` of this call."""
+        predicted concept logits at positions >= ``steer_from`` of this call. ``head=False`` skips the
+        LM head: ``logits`` is None and ``hidden`` holds its input (the training loop's chunked loss)."""
         B, T = idx.shape
         start = cache.n_tokens if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -163,10 +168,12 @@ class GPT(nn.Module):
             x = self.blocks[i](x, cache, i)
         if self.interleaves:
             x = x[:, 1::2]  # (B, T, d): the concept slots predict the next token
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        h = self.ln_f(x)
         if cache is not None:
             cache.n_tokens += T
-        return GPTOut(logits, z, top)
+        if not head:
+            return GPTOut(None, z, top, h)
+        return GPTOut(self.lm_head(h), z, top)  # (B, T, V)
 
     # -- accounting ------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from trainer.chunked_ce import head_losses
+
 
 class Losses(NamedTuple):
     total: torch.Tensor
@@ -107,11 +109,31 @@ def compute_losses(
     lambda_kd: float = 0.1,
     concept_loss_on: bool = True,
     concept_denom: float | None = None,
+    head_weight: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> Losses:
-    """out: a :class:`trainer.model.GPTOut`; batch: tensors from the loader (``tokens`` (B, T+1), ...)."""
+    """out: a :class:`trainer.model.GPTOut`; batch: tensors from the loader (``tokens`` (B, T+1), ...).
+
+    When ``out.hidden`` is set (the model ran with ``head=False``) the LM head ``head_weight`` (V, d)
+    and the NTP / KD losses run over ``chunk`` positions at a time (trainer/chunked_ce.py): the same
+    values and gradients without the (B, T, V) logits; ``ntp`` and ``kd`` are then reported detached
+    and only ``total`` carries the gradient."""
     tokens = batch["tokens"]
-    l_ntp = ntp_loss(out.logits, tokens[:, 1:])
-    total, l_c, l_kd = l_ntp, None, None
+    l_kd = None
+    if out.hidden is not None:
+        if head_weight is None or chunk < 1:
+            raise ValueError("out.hidden needs head_weight and chunk >= 1")
+        kd = mode == "kd"
+        hl = head_losses(out.hidden, head_weight, tokens[:, 1:], chunk, batch["kd_ids"] if kd else None,
+                         batch["kd_logprobs"] if kd else None, lambda_kd if kd else 0.0)
+        total, l_ntp, l_kd = hl.total, hl.ntp, hl.kd
+    else:
+        l_ntp = ntp_loss(out.logits, tokens[:, 1:])
+        total = l_ntp
+        if mode == "kd":
+            l_kd = kd_loss(out.logits, batch["kd_ids"], batch["kd_logprobs"])
+            total = total + lambda_kd * l_kd
+    l_c = None
     if mode == "cocomix" and out.concept_logits is not None:
         ids, valid = concept_targets(batch, labels, k_attr)
         l_c = concept_loss(out.concept_logits, ids, valid, concept_denom)
@@ -119,7 +141,4 @@ def compute_losses(
             total = total + lambda_concept * l_c
         else:
             l_c = l_c.detach()  # "mix only": reported, not optimised
-    elif mode == "kd":
-        l_kd = kd_loss(out.logits, batch["kd_ids"], batch["kd_logprobs"])
-        total = total + lambda_kd * l_kd
     return Losses(total, l_ntp, l_c, l_kd)
