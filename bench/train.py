@@ -13,11 +13,15 @@
     peak memory for each named trainer preset (trainer/config.py) at --batch windows of its context,
     on random tokens and labels. bench/scale_model.py reads these (through --json) for the trainer's
     row of the scaling model (docs/scaling.md).
+(e) With --head-compare PRESET: the chunked LM head + loss (--loss-chunk, trainer/chunked_ce.py) vs the
+    full (B, T, V) logits at V=49,152, NTP and CoCoMix, each variant in a fresh process: tokens/s, peak
+    RSS and system (kernel) time per step, as ratios to the first of --head-chunks (0 = full logits).
 
     python bench/train.py                         # CPU, shapes / 4, a few minutes
     python bench/train.py --scale 1 --device cuda --batch 8   # the paper's shapes on a GPU
     python bench/train.py --smoke                 # shapes / 16, one timed step: checks the script runs
     python bench/train.py --device cuda --batch 8 --presets 69m 386m 1.38b --json bench/results/train-gpu.json
+    python bench/train.py --head-only --head-compare small --batch 8   # (e) only, ~3 min on 2 cores
 
 Only this bench imports transformers (for the reference teacher); the trainer never does.
 """
