@@ -173,13 +173,8 @@ def preset_steps(names: list[str], batch: int, warmup: int, iters: int, device, 
         out[name] = {}
         for mode in ("cocomix", "ntp"):
             cfg = get_preset(name, mode)
-            T, V = cfg.block_size, cfg.vocab_size
-            C = cfg.concept.n_concepts if cfg.concept else 2
-            g = torch.Generator().manual_seed(0)
-            b = {"tokens": torch.randint(0, V, (batch, T + 1), generator=g),
-                 "concept_ids": torch.randint(0, C, (batch, T, 4), generator=g),
-                 "concept_scores": torch.rand(batch, T, 4, generator=g) + 0.1}
-            b = {k: v.to(device) for k, v in b.items()}
+            T = cfg.block_size
+            b = random_batch(cfg, batch, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -199,6 +194,18 @@ def preset_steps(names: list[str], batch: int, warmup: int, iters: int, device, 
     return out
 
 
+def random_batch(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A seeded batch of random tokens and K_attr=4 concept labels for ``cfg``'s shapes (the step's
+    cost does not depend on the values)."""
+    T, V = cfg.block_size, cfg.vocab_size
+    C = cfg.concept.n_concepts if cfg.concept else 2
+    g = torch.Generator().manual_seed(0)
+    b = {"tokens": torch.randint(0, V, (batch, T + 1), generator=g),
+         "concept_ids": torch.randint(0, C, (batch, T, 4), generator=g),
+         "concept_scores": torch.rand(batch, T, 4, generator=g) + 0.1}
+    return {k: v.to(device) for k, v in b.items()}
+
+
 def _head_child(preset: str, mode: str, chunk: int, batch: int, warmup: int, iters: int, device: str,
                 threads: int, q) -> None:
     """(e) one variant in a fresh process (peak RSS is per process): median step time, peak RSS and the
@@ -208,13 +215,8 @@ def _head_child(preset: str, mode: str, chunk: int, batch: int, warmup: int, ite
     dev = torch.device(device)
     cfg = get_preset(preset, mode)
     cfg.vocab_size = HEAD_VOCAB
-    T, V = cfg.block_size, cfg.vocab_size
-    C = cfg.concept.n_concepts if cfg.concept else 2
-    g = torch.Generator().manual_seed(0)
-    b = {"tokens": torch.randint(0, V, (batch, T + 1), generator=g),
-         "concept_ids": torch.randint(0, C, (batch, T, 4), generator=g),
-         "concept_scores": torch.rand(batch, T, 4, generator=g) + 0.1}
-    b = {k: v.to(dev) for k, v in b.items()}
+    T = cfg.block_size
+    b = random_batch(cfg, batch, dev)
     torch.manual_seed(0)
     step = StudentStep(GPT(cfg).to(dev), dev, chunk=chunk)
     for _ in range(warmup):
