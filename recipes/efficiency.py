@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common.cli import Parser, run_cli
 from recipes.compare import compare, mean_curve, plot, print_report
-from recipes.steps import announce, extract_concepts, read_curve, tokenize, train_sae, train_student
+from recipes.steps import announce, extract_concepts, first_documents, read_curve, tokenize, train_sae, train_student
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: relative paths in a config are relative to it
 
@@ -70,6 +70,13 @@ class EfficiencyConfig:
     """Concept labels per token (paper 4)."""
     k_kd: int = 32
     """Teacher top-k log-probs stored for the KD student."""
+    k_mix: int = 0
+    """The SAE's own top-k code stored per token (0: none); the activation-label arm needs >= k_attr."""
+    train_documents: int | None = None
+    """Use only the first this many documents of ``corpus`` (None: all): a smaller extraction when the
+    students need fewer tokens than the corpus has. The slice is written to OUT/corpus/."""
+    val_documents: int | None = None
+    """Likewise for ``val_corpus``."""
     extract_batch_size: int = 8
     """Windows per teacher forward/backward in stage 2."""
     device: str = "auto"
@@ -122,6 +129,11 @@ class EfficiencyConfig:
             raise ValueError("modes must include ntp: every comparison is against it")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        for name in ("train_documents", "val_documents"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null for the whole corpus)")
+        if self.k_mix < 0:
+            raise ValueError("k_mix must be >= 0")
         if self.max_tokens < 1 or self.eval_every < 1:
             raise ValueError("max_tokens and eval_every must be >= 1")
 
@@ -187,8 +199,9 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
         (out / "walls.json").write_text(json.dumps(walls, indent=2))
 
     t = announce(1, 5, f"stage 1: {cfg.corpus} (train) + {cfg.val_corpus} (val) -> {ext / 'tokens'}")
-    tok_m = tokenize(TokenizeConfig(corpus=[_repo_path(p) for p in cfg.corpus],
-                                    val_corpus=[_repo_path(p) for p in cfg.val_corpus],
+    corpus = first_documents([_repo_path(p) for p in cfg.corpus], cfg.train_documents, ext / "corpus" / "train")
+    val_corpus = first_documents([_repo_path(p) for p in cfg.val_corpus], cfg.val_documents, ext / "corpus" / "val")
+    tok_m = tokenize(TokenizeConfig(corpus=corpus, val_corpus=val_corpus,
                                     tokenizer=cfg.teacher, out=str(ext / "tokens"), seq_len=cfg.seq_len,
                                     shard_mb=cfg.shard_mb, ray_address=ray_address))
     walls.setdefault("stage 1", round(time.perf_counter() - t, 1))
@@ -212,7 +225,7 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
     concept_manifest = Path(_repo_path(cfg.manifest)) if cfg.manifest else ext / "concepts.json"
     extract_concepts(ExtractConfig(
         tokens=str(ext / "tokens"), teacher=cfg.teacher, sae=str(sae_dir), out=str(ext), manifest=str(concept_manifest),
-        k_attr=cfg.k_attr, k_mix=0, k_kd=cfg.k_kd, batch_size=cfg.extract_batch_size, device=cfg.device,
+        k_attr=cfg.k_attr, k_mix=cfg.k_mix, k_kd=cfg.k_kd, batch_size=cfg.extract_batch_size, device=cfg.device,
         ray_address=ray_address))
     if "stage 2" not in walls:
         timed("stage 2", t)

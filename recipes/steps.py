@@ -53,6 +53,50 @@ def check_sae(sae_dir: Path, cfg: SaeConfig, elsewhere: str) -> None:
         raise ValueError(f"{sae_dir} holds an SAE with other settings (found, wanted): {diff}; {elsewhere}")
 
 
+DELIMITER_LINE = b"<|endoftext|>\n"  # common/corpus.py's default document delimiter, on a line of its own
+
+
+def first_documents(sources: list[str], n: int | None, out: Path) -> list[str]:
+    """The first ``n`` documents of delimited text files, as one file under ``out`` named like the first
+    source (so document ids keep its name); ``sources`` unchanged when ``n`` is None. A slice already
+    there with the same bytes is reused; a different one is refused, never replaced."""
+    if n is None:
+        return sources
+    chunks: list[bytes] = []
+    left = n
+    for src in sources:
+        if not src.endswith(".txt"):
+            raise ValueError(f"a document limit needs delimited .txt sources; {src} is not one")
+        try:
+            lines = Path(src).read_bytes().splitlines(keepends=True)
+        except OSError as e:
+            raise ValueError(f"cannot read corpus {src}: {e}") from e
+        for i, line in enumerate(lines):
+            if line.rstrip(b"\r\n") == DELIMITER_LINE.rstrip():
+                left -= 1
+                if left == 0:
+                    chunks.append(b"".join(lines[:i + 1]))
+                    break
+        else:
+            chunks.append(b"".join(lines))
+        if left == 0:
+            break
+    if left > 0:
+        raise ValueError(f"asked for the first {n} documents of {sources}, which hold only {n - left}")
+    data = b"".join(chunks)
+    dst = out / Path(sources[0]).name
+    if dst.is_file():
+        if dst.read_bytes() != data:
+            raise ValueError(f"{dst} holds another slice of the corpus (another document count or corpus); "
+                             "pass another --out, or delete it if it is this recipe's and no longer needed")
+    else:
+        from shards.atomic import write_atomic
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, data)
+    return [str(dst)]
+
+
 def train_sae(cfg: SaeConfig, elsewhere: str) -> tuple[dict, bool]:
     """The SAE in ``cfg.out``: reused when finished (and the one asked for), else trained by sae/train.py.
     Returns its summary and whether it was trained now."""

@@ -65,6 +65,10 @@ class ModelConfig:
     """Biases in linear layers and LayerNorms, as in GPT-2."""
     concept: ConceptConfig | None = None
     """The CoCoMix block; None for the NTP and KD baselines."""
+    pause_layer: int | None = None
+    """The pause-token baseline (paper Fig. 6f; Goyal et al. 2024): a learned vector interleaved after
+    every token before this block, where CoCoMix interleaves its concepts; the LM head reads the pause
+    slots. None: no pause tokens. Not combined with a concept block."""
 
     def __post_init__(self) -> None:
         if isinstance(self.concept, dict):
@@ -80,6 +84,11 @@ class ModelConfig:
             raise ValueError(
                 f"concept.insert_layer={self.concept.insert_layer} exceeds n_layer={self.n_layer}"
             )
+        if self.pause_layer is not None:
+            if self.concept is not None:
+                raise ValueError("pause_layer and a concept block exclude each other (the pause baseline has no concepts)")
+            if not 0 <= self.pause_layer <= self.n_layer:
+                raise ValueError(f"pause_layer={self.pause_layer} must be in [0, n_layer={self.n_layer}]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +187,22 @@ class TrainConfig(TrackingOptions):
     concept_topk: int | None = None
     """Override the preset's k (concepts kept for mixing)."""
     insert_layer: int | None = None
-    """Override the preset's L_ins."""
+    """Override the preset's L_ins (with --pause: where the pause tokens go)."""
+    pause: bool = False
+    """The pause-token baseline (paper Fig. 6f) for --mode ntp or kd: the CoCoMix preset's backbone
+    (its width and L_ins) with a learned pause vector interleaved after every token at L_ins instead
+    of a concept: the same extra compute, no concepts."""
+    width: int | None = None
+    """Override the preset's residual width d (e.g. the NTP baseline matched by active parameters
+    instead of FLOPs); must be divisible by the head count."""
+    permute_labels: int | None = None
+    """Label-signal control for --mode cocomix: train on concept labels permuted across positions with
+    this seed (each window takes another window's labels in shuffled position order), so the label
+    distribution is the same and its relation to the context is gone. Evaluation uses the real labels."""
+    held_out: list[str] | None = None
+    """More held-out sets, each NAME=MANIFEST (a tokens manifest suffices; its val split, or its train
+    split when it has none): evaluated with the val split at every evaluation, logged as
+    held_out/NAME/loss."""
     lambda_concept: float = 0.1
     """Weight of the concept loss (paper 0.1)."""
     lambda_kd: float = 0.1
@@ -256,8 +280,24 @@ class TrainConfig(TrackingOptions):
             raise ValueError(f"--min-lr-ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.mode != "cocomix" and (self.mix is not None or self.concept_topk or self.insert_layer is not None):
-            raise ValueError(f"--mix/--concept-topk/--insert-layer only apply to --mode cocomix, not {self.mode}")
+        if self.pause and self.mode not in ("ntp", "kd"):
+            raise ValueError(f"--pause applies to --mode ntp or kd, not {self.mode}")
+        if self.mode != "cocomix" and (self.mix is not None or self.concept_topk):
+            raise ValueError(f"--mix/--concept-topk only apply to --mode cocomix, not {self.mode}")
+        if self.insert_layer is not None and not (self.mode == "cocomix" or self.pause):
+            raise ValueError(f"--insert-layer applies to --mode cocomix or --pause, not {self.mode}")
+        if self.width is not None and self.width < 1:
+            raise ValueError(f"--width must be >= 1, got {self.width}")
+        if self.permute_labels is not None and self.mode != "cocomix":
+            raise ValueError(f"--permute-labels applies to --mode cocomix, not {self.mode}")
+        names = [h.split("=", 1)[0] for h in self.held_out or []]
+        for h, name in zip(self.held_out or [], names):
+            if "=" not in h or not name or not h.split("=", 1)[1]:
+                raise ValueError(f"--held-out takes NAME=MANIFEST, got {h!r}")
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"--held-out name {name!r}: use letters, digits, - and _")
+        if len(set(names)) != len(names) or "val" in names:
+            raise ValueError(f"--held-out names must be distinct and not 'val', got {names}")
         if self.verify not in ("open", "lazy"):
             raise ValueError(f"--verify must be open or lazy, got {self.verify!r}")
         for name in ("eval_every", "eval_windows", "ckpt_every", "halt_after", "workers"):
@@ -279,13 +319,15 @@ RESUME_KEYS = (
     "mode", "labels", "lambda_concept", "lambda_kd", "dropout", "lr",
     "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
     "eval_windows",  # which val windows val_loss averages over: one curve must use one set
+    "permute_labels",
+    "held_out",  # the held-out curves must cover the whole run
 )
 # Checked through what they resolve to: the model config (preset, mix, concept_topk, insert_layer,
-# concept_loss), the schedule length (steps, max_tokens), the global batch micro_batch x grad_accum x
+# concept_loss, pause, width), the schedule length (steps, max_tokens), the global batch micro_batch x grad_accum x
 # ranks (the split between micro_batch and grad_accum may change: it changes float summation order
 # only), and the data identity (shards: another path to the same bytes is the same data).
-DERIVED_KEYS = ("preset", "mix", "concept_topk", "insert_layer", "concept_loss", "steps", "max_tokens",
-                "micro_batch", "grad_accum", "shards")
+DERIVED_KEYS = ("preset", "mix", "concept_topk", "insert_layer", "concept_loss", "pause", "width", "steps",
+                "max_tokens", "micro_batch", "grad_accum", "shards")
 # Free to differ when a run continues: how it is run, observed and saved, not what it computes.
 # device / compile / loss_chunk change float rounding only (bit-exact resume holds on the same device).
 FREE_KEYS = ("out_dir", "resume", "workers", "progress", "log_every", "eval_every", "ckpt_every",

@@ -35,7 +35,13 @@ def k_attr(manifest) -> int | None:
 def build_model_config(cfg: TrainConfig, manifest) -> ModelConfig:
     """The preset, sized to the data: vocab from the tokenizer (padded to 64), C from the SAE,
     positions from seq_len, and the CLI's concept overrides."""
-    m = get_preset(cfg.preset, cfg.mode)
+    # The pause baseline runs on CoCoMix's backbone: same width and L_ins, a pause vector instead of a concept.
+    m = get_preset(cfg.preset, "cocomix" if cfg.pause else cfg.mode)
+    if cfg.pause:
+        m.pause_layer = cfg.insert_layer if cfg.insert_layer is not None else m.concept.insert_layer
+        m.concept = None
+    if cfg.width is not None:
+        m.d_model = cfg.width
     m.vocab_size = _pad(int(manifest.tokenizer["vocab_size"]))
     m.block_size = max(m.block_size, manifest.seq_len)
     m.dropout = cfg.dropout
