@@ -19,7 +19,12 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
         losses = [p["val_loss"] for p in pts]
         mean = sum(losses) / len(losses)
         std = math.sqrt(sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)) if len(losses) > 1 else 0.0
-        out.append({"tokens": pts[0]["tokens"], "flops": pts[0]["flops"], "val_loss": mean, "val_loss_std": std})
+        point = {"tokens": pts[0]["tokens"], "flops": pts[0]["flops"], "val_loss": mean, "val_loss_std": std}
+        # Other metrics (held-out losses, concept recall): the mean where every seed logged them.
+        for k in sorted(set(pts[0]) - {"tokens", "flops", "val_loss"}):
+            if all(p.get(k) is not None for p in pts):
+                point[k] = sum(p[k] for p in pts) / len(pts)
+        out.append(point)
     return out
 
 
@@ -89,12 +94,54 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def plot_arms(rows: dict[str, dict], baseline: str, held_out: list[str], path: Path, title: str) -> Path | None:
+    """Many arms: validation loss against tokens (mean over seeds), and each arm's final loss minus the
+    baseline's on every evaluated set (val and each held-out set; below zero is better)."""
+    if (plt := pyplot()) is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
+    ax = axes[0]
+    for i, (name, r) in enumerate(rows.items()):
+        c = r["curve"]
+        ax.plot([p["tokens"] for p in c], [p["val_loss"] for p in c], color=f"C{i % 10}", marker="o", ms=2.5,
+                lw=2.2 if name == baseline else 1.2, ls="-" if i < 10 else "--",
+                label=f"{name} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    sets = ["val", *held_out]
+    others = [n for n in rows if n != baseline]
+    width = 0.8 / len(sets)
+    base = rows[baseline]
+    for j, name in enumerate(sets):
+        b = base["final_val_loss_mean"] if name == "val" else base["final_held_out_loss"][name]
+        deltas = [(rows[n]["final_val_loss_mean"] if name == "val" else rows[n]["final_held_out_loss"][name]) - b
+                  for n in others]
+        ax.barh([i + j * width for i in range(len(others))], deltas, height=width, label=name, color=f"C{j}")
+    ax.set_yticks([i + width * (len(sets) - 1) / 2 for i in range(len(others))], others, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"final loss minus {baseline}'s (nats/token; < 0 is better)")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, title="evaluated on")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def print_report(r: dict) -> None:
     print(f"\nrun directory: {r['run_dir']}   report: {r['run_dir']}/report.json   plot: {r['plot']}")
     print(f"data: {r['data']}   SAE: {r['sae']}")
     for mode, s in r["students"].items():
+        held = "".join(f"  {n} {v:.4f}" for n, v in s.get("final_held_out_loss", {}).items())
+        recall = (f"  concept recall {s['val_concept_recall']:.3f} (prior {s['val_concept_recall_prior']:.3f})"
+                  if s.get("val_concept_recall") is not None else "")
         print(f"  {mode:8s} params {s['params']:,}  flops/token {s['flops_per_token']:.3g}  "
-              f"final val loss {s['final_val_loss_mean']:.4f}  per seed {s['final_val_loss']}")
+              f"final val loss {s['final_val_loss_mean']:.4f}  per seed {s['final_val_loss']}{held}{recall}")
     for mode, c in r["vs_ntp"].items():
         tok, fl = c["tokens_to_reach_base_final"], c["flops_to_reach_base_final"]
         eq = c["equal_flops"]

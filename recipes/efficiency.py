@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from common.cli import Parser, run_cli
-from recipes.compare import compare, mean_curve, plot, print_report
+from recipes.arms import arm_report, check_arms, student_config
+from recipes.compare import mean_curve, plot, plot_arms, print_report
 from recipes.steps import announce, extract_concepts, first_documents, read_curve, tokenize, train_sae, train_student
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: relative paths in a config are relative to it
@@ -84,9 +85,17 @@ class EfficiencyConfig:
     preset: str = "small"
     """Student preset (NTP and KD get the width-matched baseline, as in the paper)."""
     modes: list[str] = field(default_factory=lambda: ["ntp", "cocomix", "kd"])
-    """Students to train."""
+    """Students to train, one arm per mode (ignored when ``arms`` is given)."""
+    arms: dict[str, dict] | None = None
+    """Students by name, each a dict of trainer settings (``mode`` plus any of recipes/arms.py ARM_KEYS, e.g.
+    ``{"mode": "cocomix", "mix": "add"}``) and optionally its own ``seeds``. None: one arm per mode."""
+    baseline: str = "ntp"
+    """The arm every other is compared with (tokens to reach its final loss)."""
+    held_out: dict[str, list[str]] = field(default_factory=dict)
+    """More held-out corpora by name, each tokenized by stage 1 (tokens only, into OUT/held-out/NAME)
+    and evaluated at every evaluation beside the val split (relative paths: to the repository root)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Seeds of each student (init and window order)."""
+    """Seeds of each student (init and window order), unless its arm lists its own."""
     max_tokens: int = 393_216
     """Training tokens per student (the same budget for every mode)."""
     micro_batch: int = 8
@@ -122,13 +131,24 @@ class EfficiencyConfig:
         except TypeError as e:
             raise ValueError(f"config {path}: {e}") from e
 
+    def student_arms(self) -> dict[str, dict]:
+        """Arm name -> its trainer settings (with ``seeds``), the ``modes`` shorthand expanded."""
+        arms = self.arms if self.arms is not None else {m: {"mode": m} for m in self.modes}
+        return {name: {"seeds": self.seeds} | a for name, a in arms.items()}
+
     def __post_init__(self) -> None:
-        if bad := set(self.modes) - {"ntp", "cocomix", "kd"}:
-            raise ValueError(f"modes must be among ntp, cocomix, kd; got {sorted(bad)}")
-        if "ntp" not in self.modes:
-            raise ValueError("modes must include ntp: every comparison is against it")
+        if self.arms is None:
+            if bad := set(self.modes) - {"ntp", "cocomix", "kd"}:
+                raise ValueError(f"modes must be among ntp, cocomix, kd; got {sorted(bad)}")
+            if "ntp" not in self.modes:
+                raise ValueError("modes must include ntp: every comparison is against it")
+        else:
+            check_arms(self.arms, self.baseline)
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        for name in self.held_out:
+            if name == "val" or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"held_out name {name!r}: use letters, digits, - and _ (and not 'val')")
         for name in ("train_documents", "val_documents"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or null for the whole corpus)")
@@ -151,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", default=None, help="training corpus instead of the config's")
     p.add_argument("--val-corpus", nargs="+", default=None, help="held-out corpus instead of the config's")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds instead of the config's")
-    p.add_argument("--modes", nargs="+", default=None, help="students instead of the config's (ntp must be one)")
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="students instead of the config's (ntp must be one), for a config without arms")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="train and report only these of the config's arms (its baseline must be one)")
     p.add_argument("--until", choices=STEPS, default="report", help="stop after this step")
     p.add_argument("--ray-address", default="local",
                    help="'local': a private embedded Ray; or a cluster address for stage 1 and stage 2")
@@ -169,6 +192,14 @@ def _main(argv: list[str] | None) -> int:
     cfg = EfficiencyConfig.load(a.config)
     overrides = {k: v for k, v in (("corpus", a.corpus), ("val_corpus", a.val_corpus), ("seeds", a.seeds),
                                    ("modes", a.modes)) if v}
+    if a.modes and cfg.arms is not None:
+        raise ValueError(f"--modes: {a.config} names arms ({', '.join(cfg.arms)}); choose among them with --arms")
+    if a.arms:
+        if cfg.arms is None:
+            raise ValueError(f"--arms: {a.config} names no arms (its students are its modes; use --modes)")
+        if unknown := [n for n in a.arms if n not in cfg.arms]:
+            raise ValueError(f"--arms: {unknown} not in {a.config}'s arms {list(cfg.arms)}")
+        overrides["arms"] = {n: cfg.arms[n] for n in cfg.arms if n in a.arms}
     if overrides:
         cfg = EfficiencyConfig(**(asdict(cfg) | overrides))
     out = Path(a.out) if a.out else ROOT.parent / "cocomix-runs" / cfg.name
@@ -183,7 +214,6 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
     from pipeline.extract import ExtractConfig
     from pipeline.stage1 import TokenizeConfig
     from sae.train import TrainConfig as SaeConfig
-    from trainer.config import TrainConfig
 
     out.mkdir(parents=True, exist_ok=True)
     # Extraction outputs live in `ext`: this run's own directory, or the one named by cfg.extraction
@@ -232,52 +262,73 @@ def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_p
     if until == "concepts":
         return None
 
-    announce(4, 5, f"students {cfg.modes} x seeds {cfg.seeds}, {cfg.max_tokens:,} tokens each ({cfg.preset})")
-    students: dict[str, dict] = {}
-    for seed in cfg.seeds:  # seed-major: a run stopped early still has whole seeds of every mode
-        for mode in cfg.modes:
-            run_dir = out / "students" / f"{mode}-seed{seed}"
+    held_out = held_out_sets(cfg, out, ray_address)
+    arms = cfg.student_arms()
+    announce(4, 5, f"students: arms {list(arms)}, {cfg.max_tokens:,} tokens each ({cfg.preset})")
+    students: dict[str, dict[int, dict]] = {}
+    for seed in sorted({s for a in arms.values() for s in a["seeds"]}):  # seed-major: a run stopped early
+        for name, arm in arms.items():                                  # still has whole seeds of every arm
+            if seed not in arm["seeds"]:
+                continue
+            run_dir = out / "students" / f"{name}-seed{seed}"
             summary_path = run_dir / "summary.json"
             if not summary_path.is_file():
                 t = time.perf_counter()
-                summary = train_student(TrainConfig(
-                    shards=str(concept_manifest), preset=cfg.preset, mode=mode, seed=seed, max_tokens=cfg.max_tokens,
+                summary = train_student(student_config(
+                    arm, shards=str(concept_manifest), preset=cfg.preset, seed=seed, max_tokens=cfg.max_tokens,
                     micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, lr=cfg.lr, eval_every=cfg.eval_every,
                     eval_windows=cfg.eval_windows, ckpt_every=cfg.eval_every * 4, out_dir=str(run_dir),
-                    resume="auto", device=cfg.device))
+                    resume="auto", device=cfg.device,
+                    held_out=[f"{n}={m}" for n, m in held_out.items()] or None))
                 summary_path.write_text(json.dumps({"params": summary.get("params"), "tokens": summary.get("tokens"),
                                                     "wall_s": round(time.perf_counter() - t, 1)}))
-            students.setdefault(mode, {})[seed] = json.loads(summary_path.read_text())
+            students.setdefault(name, {})[seed] = json.loads(summary_path.read_text())
     if until == "students":
         return None
 
     announce(5, 5, "report")
     curves = {}
-    for mode in cfg.modes:
-        per_seed = {s: read_curve(out / "students" / f"{mode}-seed{s}") for s in cfg.seeds}
+    for name, arm in arms.items():
+        per_seed = {s: read_curve(out / "students" / f"{name}-seed{s}") for s in arm["seeds"]}
         if not all(per_seed.values()):
-            raise ValueError(f"{mode}: a student has no evaluation in {out / 'students'}")
-        curves[mode] = {"seeds": per_seed, "mean": mean_curve(list(per_seed.values()))}
-    base = curves["ntp"]["mean"]
+            raise ValueError(f"{name}: a student has no evaluation in {out / 'students'}")
+        curves[name] = {"seeds": per_seed, "mean": mean_curve(list(per_seed.values()))}
+    base = curves[cfg.baseline]["mean"]
+    rows = {name: arm_report(arms[name], students[name], c["seeds"], c["mean"],
+                             None if name == cfg.baseline else base, list(held_out)) for name, c in curves.items()}
     report = {
         "config": asdict(cfg), "config_file": config_path, "run_dir": str(out),
         "command": " ".join(["python", "-m", "recipes.efficiency", *sys.argv[1:]]),
         "data": {s: {"windows": sp.windows, "tokens": sp.tokens, "documents": sp.extra.get("documents")}
                  for s, sp in tok_m.splits.items()},
+        "held_out": {n: str(m) for n, m in held_out.items()},
         "sae": {k: sae_summary.get(k) for k in ("fvu", "l0", "dead_fraction", "tokens")},
-        "students": {mode: {"params": students[mode][cfg.seeds[0]].get("params"),
-                            "flops_per_token": c["mean"][-1]["flops"] / c["mean"][-1]["tokens"],
-                            "final_val_loss": {str(s): sc[-1]["val_loss"] for s, sc in c["seeds"].items()},
-                            "final_val_loss_mean": c["mean"][-1]["val_loss"],
-                            "curve": c["mean"]} for mode, c in curves.items()},
-        "vs_ntp": {mode: compare(base, c["mean"]) for mode, c in curves.items() if mode != "ntp"},
+        "baseline": cfg.baseline,
+        "students": rows,
+        "vs_ntp": {name: r["vs_baseline"] for name, r in rows.items() if "vs_baseline" in r},
         "wall_s": walls,
     }
-    png = plot(curves, out / "efficiency.png",
-               f"{cfg.name}: {cfg.preset} students, teacher {cfg.teacher} (block {cfg.layer})")
+    title = f"{cfg.name}: {cfg.preset} students, teacher {cfg.teacher} (block {cfg.layer})"
+    png = (plot(curves, out / "efficiency.png", title) if cfg.arms is None
+           else plot_arms(rows, cfg.baseline, list(held_out), out / "efficiency.png", title))
     report["plot"] = str(png) if png else None
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def held_out_sets(cfg: EfficiencyConfig, out: Path, ray_address: str) -> dict[str, Path]:
+    """Stage 1 over each ``held_out`` corpus (all its windows in one split; reused when done):
+    name -> its tokens manifest."""
+    from pipeline.stage1 import TokenizeConfig
+
+    sets: dict[str, Path] = {}
+    for name, sources in cfg.held_out.items():
+        announce(4, 5, f"held-out set {name}: {sources}")
+        m = tokenize(TokenizeConfig(corpus=[_repo_path(p) for p in sources], tokenizer=cfg.teacher,
+                                    out=str(out / "held-out" / name), seq_len=cfg.seq_len, shard_mb=cfg.shard_mb,
+                                    val_fraction=0.0, ray_address=ray_address))
+        sets[name] = Path(m.path)
+    return sets
 
 
 if __name__ == "__main__":

@@ -137,9 +137,15 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+# Evaluation metrics a curve point carries beside val_loss when the student logged them
+# (trainer/concept_metrics.py; each held-out set's held_out/NAME/loss too).
+CURVE_EXTRAS = ("val_concept_recall", "val_concept_recall_prior")
+
+
 def read_curve(run_dir: Path) -> list[dict]:
-    """Every evaluation of a student as {tokens, flops, val_loss}; the last line per step wins (a
-    resume rewrites steps). Empty when the student has no metrics yet."""
+    """Every evaluation of a student as {tokens, flops, val_loss} plus the held-out losses and concept
+    recall it logged; the last line per step wins (a resume rewrites steps). Empty when the student
+    has no metrics yet."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -147,7 +153,8 @@ def read_curve(run_dir: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         m = json.loads(line)
         if "val_loss" in m:
-            by_step[m["step"]] = {"tokens": m["tokens"], "flops": m.get("flops"), "val_loss": m["val_loss"]}
+            by_step[m["step"]] = {"tokens": m["tokens"], "flops": m.get("flops"), "val_loss": m["val_loss"]} | {
+                k: v for k, v in m.items() if k in CURVE_EXTRAS or (k.startswith("held_out/") and k.endswith("/loss"))}
     return [by_step[s] for s in sorted(by_step)]
 
 

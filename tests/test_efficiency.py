@@ -11,6 +11,7 @@ import pytest
 
 from recipes import compare as cmp
 from recipes import efficiency as eff
+from recipes.steps import first_documents
 from tests.helpers import owt_documents, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,75 @@ def test_mean_curve_over_seeds():
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.json")), ids=lambda p: p.name)
 def test_committed_configs_load(path):
     cfg = eff.EfficiencyConfig.load(path)
-    assert "ntp" in cfg.modes and cfg.seeds and cfg.description
+    assert cfg.baseline in cfg.student_arms() and cfg.seeds and cfg.description
+
+
+def test_the_ablation_config_names_every_arm_of_the_study():
+    cfg = eff.EfficiencyConfig.load(ROOT / "recipes" / "configs" / "ablations-cpu.json")
+    arms = cfg.student_arms()
+    assert {a["mode"] for a in arms.values()} == {"ntp", "cocomix", "kd"}
+    assert {n for n, a in arms.items() if len(a["seeds"]) >= 2} >= {"ntp", "cocomix", "permuted-labels"}
+    settings = [{k: v for k, v in a.items() if k != "seeds"} for a in arms.values()]
+    for s in ({"mode": "cocomix", "mix": "none"}, {"mode": "cocomix", "concept_loss": False},
+              {"mode": "cocomix", "mix": "add"}, {"mode": "cocomix", "labels": "activation"},
+              {"mode": "ntp", "pause": True}, {"mode": "kd", "pause": True}, {"mode": "kd"}):
+        assert s in settings
+    assert cfg.k_mix >= cfg.k_attr and set(cfg.held_out) and cfg.extraction is None
+
+
+def _cfg(**kw):
+    return {"name": "x", "corpus": ["a"], "val_corpus": ["b"]} | kw
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"arms": {"cocomix": {"mode": "cocomix"}}}, "baseline 'ntp' is not one of the arms"),
+    ({"arms": {"ntp": {"mode": "ntp", "mx": "add"}}}, "arm 'ntp': unknown keys \\['mx'\\]"),
+    ({"arms": {"ntp": {"width": 136}}}, "arm 'ntp' must be an object with a mode"),
+    ({"arms": {"ntp": {"mode": "ntp", "mix": "add"}}}, "arm 'ntp': --mix/--concept-topk only apply"),
+    ({"arms": {"ntp": {"mode": "ntp"}, "p": {"mode": "cocomix", "pause": True}}}, "arm 'p': --pause applies"),
+    ({"arms": {"ntp": {"mode": "ntp", "seeds": []}}}, "arm 'ntp': seeds must be a non-empty list"),
+    ({"arms": {"n/tp": {"mode": "ntp"}}, "baseline": "n/tp"}, "arm name 'n/tp'"),
+    ({"held_out": {"val": ["x.txt"]}}, "held_out name 'val'"),
+    ({"train_documents": 0}, "train_documents must be >= 1"),
+])
+def test_bad_arms_and_held_out_sets_are_refused(tmp_path, bad, message):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(_cfg(**bad)))
+    with pytest.raises(ValueError, match=message):
+        eff.EfficiencyConfig.load(p)
+
+
+def test_arms_and_modes_flags_are_checked(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(_cfg(arms={"ntp": {"mode": "ntp"}, "add": {"mode": "cocomix", "mix": "add"}})))
+    assert eff.main(["--config", str(p), "--modes", "ntp"]) == 2
+    assert "choose among them with --arms" in capsys.readouterr().err
+    assert eff.main(["--config", str(p), "--arms", "ntp", "pause"]) == 2
+    assert "--arms: ['pause'] not in" in capsys.readouterr().err
+    assert eff.main(["--config", str(p), "--arms", "add"]) == 2
+    assert "baseline 'ntp' is not one of the arms" in capsys.readouterr().err
+    q = tmp_path / "m.json"
+    q.write_text(json.dumps(_cfg()))
+    assert eff.main(["--config", str(q), "--arms", "ntp"]) == 2
+    assert "names no arms" in capsys.readouterr().err
+
+
+def test_first_documents_slices_reuses_and_refuses(tmp_path):
+    src = write_corpus(tmp_path / "c.txt", ["one\ntwo", "three", "four"])
+    assert first_documents([str(src)], None, tmp_path / "out") == [str(src)]
+    (dst,) = first_documents([str(src)], 2, tmp_path / "out")
+    assert Path(dst).name == "c.txt" and Path(dst).read_text() == "one\ntwo\n<|endoftext|>\nthree\n<|endoftext|>\n"
+    mtime = Path(dst).stat().st_mtime_ns
+    assert first_documents([str(src)], 2, tmp_path / "out") == [dst] and Path(dst).stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="holds another slice"):
+        first_documents([str(src)], 1, tmp_path / "out")
+    assert Path(dst).stat().st_mtime_ns == mtime  # refused, not replaced
+    with pytest.raises(ValueError, match="hold only 3"):
+        first_documents([str(src)], 5, tmp_path / "other")
+    # Across sources: the first source's documents, then the next's.
+    src2 = write_corpus(tmp_path / "d.txt", ["five"])
+    (both,) = first_documents([str(src), str(src2)], 4, tmp_path / "both")
+    assert Path(both).read_text().count("<|endoftext|>") == 4 and Path(both).read_text().endswith("five\n<|endoftext|>\n")
 
 
 def test_bad_configs_are_refused(tmp_path):
@@ -96,7 +165,7 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     cfg = {
         "name": "tiny", "description": "test", "corpus": [str(train)], "val_corpus": [str(valid)],
         "teacher": str(tiny_teacher_dir), "layer": 0, "seq_len": 32, "shard_mb": 0.002, "sae_latents": 64, "sae_k": 8,
-        "sae_tokens": 4096, "sae_buffer_tokens": 2048, "sae_batch_size": 256, "teacher_batch": 8, "k_kd": 8,
+        "sae_tokens": 4096, "sae_buffer_tokens": 2048, "sae_batch_size": 256, "teacher_batch": 8, "k_kd": 8, "k_mix": 4,
         "device": "cpu", "preset": "tiny", "seeds": [0], "max_tokens": 12 * 4 * 32, "micro_batch": 4,
         "eval_every": 6, "eval_windows": 4, "manifest": str(tmp_path / "manifests" / "owt.json"),
     }
@@ -145,3 +214,35 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     (tmp_path / "none.json").write_text(json.dumps(longer | {"extraction": str(tmp_path / "nowhere")}))
     assert eff.main(["--config", str(tmp_path / "none.json"), "--out", str(tmp_path / "none")]) == 2
     assert "run its config first" in capsys.readouterr().err
+
+    # Arms on the same labels: ablations, the pause baseline, the permuted-label control, a held-out set.
+    arms = cfg | {"name": "tiny-arms", "extraction": str(out), "max_tokens": 6 * 4 * 32, "held_out": {"more": [str(train)]},
+                  "arms": {"ntp": {"mode": "ntp"}, "narrow": {"mode": "ntp", "width": 48},
+                           "add": {"mode": "cocomix", "mix": "add"}, "act": {"mode": "cocomix", "labels": "activation"},
+                           "perm": {"mode": "cocomix", "permute_labels": 0, "seeds": [0, 1]},
+                           "pause": {"mode": "ntp", "pause": True}, "kd-pause": {"mode": "kd", "pause": True}}}
+    (tmp_path / "arms.json").write_text(json.dumps(arms))
+    assert eff.main(["--config", str(tmp_path / "arms.json"), "--out", str(tmp_path / "arms")]) == 0
+    printed = capsys.readouterr().out
+    ra = json.loads((tmp_path / "arms" / "report.json").read_text())
+    rows = ra["students"]
+    assert list(rows) == list(arms["arms"]) and set(ra["vs_ntp"]) == set(rows) - {"ntp"}
+    assert rows["perm"]["seeds"] == [0, 1] and rows["ntp"]["seeds"] == [0]
+    assert rows["narrow"]["params"] < rows["ntp"]["params"]
+    # The pause baseline has CoCoMix's backbone: more FLOPs per token than NTP at CoCoMix's width.
+    assert rows["pause"]["flops_per_token"] > rows["narrow"]["flops_per_token"]
+    for name, r in rows.items():
+        assert 1.0 < r["final_held_out_loss"]["more"] < 10.0
+        has_recall = r["settings"]["mode"] == "cocomix"
+        assert (r["val_concept_recall"] is not None) == has_recall, name
+        if has_recall:
+            assert 0.0 <= r["val_concept_recall"] <= 1.0 and 0.0 < r["val_concept_recall_prior"] <= 1.0
+    assert ra["vs_ntp"]["add"]["held_out_delta"]["more"] == pytest.approx(
+        rows["add"]["final_held_out_loss"]["more"] - rows["ntp"]["final_held_out_loss"]["more"])
+    assert (tmp_path / "arms" / "efficiency.png").stat().st_size > 1000 and "more " in printed
+    assert (tmp_path / "arms" / "held-out" / "more" / "manifest.json").is_file()
+    # A rerun reuses every student and writes the same report.
+    before = (tmp_path / "arms" / "report.json").read_text()
+    assert eff.main(["--config", str(tmp_path / "arms.json"), "--out", str(tmp_path / "arms")]) == 0
+    after = json.loads((tmp_path / "arms" / "report.json").read_text())
+    assert after["students"] == json.loads(before)["students"]
