@@ -3,10 +3,11 @@
     python -m trainer.export --ckpt runs/x/ckpt --out hf/x [--overwrite] [--steer ID=SCALE ...]
 
 NTP and KD students become a standard ``GPT2LMHeadModel``; CoCoMix students carry their own modeling
-code (trainer/hf_remote/), loaded with ``trust_remote_code=True``. Beside the weights: the tokenizer
-the training data was made with (the checkpoint's manifest records it, as for trainer.generate), a
-``generation_config.json`` and a model card (README.md: data manifest, mode, tokens seen, validation
-losses). ``--ckpt`` takes a run's ckpt/ directory (its ``latest`` pointer) or a step directory.
+code (trainer/hf_remote/), loaded with ``trust_remote_code=True``. Pause-token students (``--pause``)
+are refused: neither GPT-2 nor that code has a pause path (sample them with trainer.generate). Beside
+the weights: the tokenizer the training data was made with (the checkpoint's manifest records it, as for
+trainer.generate), a ``generation_config.json`` and a model card (README.md: data manifest, mode, tokens
+seen, validation losses). ``--ckpt`` takes a run's ckpt/ directory (its ``latest`` pointer) or a step directory.
 
 The directory is written as ``.NAME.export-tmp`` beside ``--out`` and renamed into place, so ``--out``
 is either absent, the previous export or the complete new one. ``--out`` must be absent, empty or an
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_out(out, a.overwrite, a)
     step_dir = checkpoint.resolve(a.ckpt, checkpoint.MODEL_FILES)
     cfg = checkpoint.read_config(step_dir, checkpoint.MODEL_FILES)
+    if cfg["model"].get("pause_layer") is not None:
+        raise ValueError(f"--ckpt {a.ckpt} is a pause-token student (--pause, pauses from block "
+                         f"{cfg['model']['pause_layer']}): pause models are not exportable to the Hugging Face format "
+                         f"(GPT-2 and the CoCoMix remote code have no pause path); sample it with "
+                         f"python -m trainer.generate --ckpt {a.ckpt}")
     concept = cfg["model"].get("concept")
     if a.steer and not concept:
         raise ValueError(f"--steer needs a CoCoMix checkpoint; {a.ckpt} has no concept block "

@@ -5,7 +5,8 @@
 Steering multiplies the predicted logit z_t[ID] by SCALE before TopK (docs/method.md 2.6)
 at every position that produces a generated token: the last prompt position and every generated
 one. The KV cache holds one entry per token in the blocks before L_ins and two (token slot, concept
-slot) after it, so each new token costs one position below L_ins and two above.
+slot) after it, so each new token costs one position below L_ins and two above; a pause-token student
+(--pause) caches the same way, with its pause slot in place of the concept slot.
 
 Only the tokenizer is loaded for decoding: its name (alias, directory, hub id or .gguf) comes from
 the manifest recorded in the checkpoint, and its fingerprint is checked against the recorded one.

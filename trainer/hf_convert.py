@@ -33,6 +33,8 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """``GPT2LMHeadModel`` tensors (lm_head is tied to ``transformer.wte``, so not stored)."""
     if model.concept is not None:
         raise ValueError("a student with a concept block is not a GPT-2: export it as CoCoMix")
+    if model.pause is not None:
+        raise ValueError("a pause-token student is not a GPT-2 (its pause vector would be dropped): not exportable")
     sd = model.state_dict()
     d = model.cfg.d_model
 

@@ -1,10 +1,17 @@
-"""The student: a GPT-2-style decoder with an optional CoCoMix concept block (docs/method.md section 2).
+"""The student: a GPT-2-style decoder with an optional CoCoMix concept block (docs/method.md section 2)
+or the pause-token baseline.
 
 Learned absolute positions, pre-LN blocks, PyTorch SDPA attention, tied LM head (nanoGPT layout).
 With ``concept.mix == "interleave"`` the blocks from L_ins on run on 2T positions
 [h_1, c_1, h_2, c_2, ...] under a plain causal mask and the LM head reads only the concept slots, so
 the logit for token t+1 comes from slot c_t. A KV cache holds one entry per token before L_ins and two
 after it.
+
+With ``pause_layer`` set (the pause-token baseline of the paper's Fig. 6f; Goyal et al. 2024, "Think
+before you speak") the same interleave runs with one learned vector p in every second slot,
+[h_1, p, h_2, p, ...], from block ``pause_layer`` on: CoCoMix's extra positions and compute without
+its concepts (no predictor, no compression). The LM head reads the pause slots, and the KV cache is
+the same as CoCoMix's. The vector gets no position embedding, as c_t does not.
 """
 
 from __future__ import annotations
@@ -115,9 +122,13 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied (GPT-2)
         self.concept = ConceptBlock(cfg.d_model, cfg.concept) if cfg.concept is not None else None
+        self.pause = nn.Parameter(torch.empty(cfg.d_model)) if cfg.pause_layer is not None else None
+        """The learned pause vector (d,), None without pause tokens."""
         self.apply(self._init_weights)
         if self.concept is not None and self.concept.comp_weight is not None:
             nn.init.normal_(self.concept.comp_weight, std=0.02)
+        if self.pause is not None:
+            nn.init.normal_(self.pause, std=0.02)  # as the token embeddings it sits between
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -133,8 +144,18 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     @property
+    def insert_layer(self) -> int:
+        """The first block that sees what is mixed in: L_ins of the concept block, the pause layer, or
+        n_layer (nothing mixed in)."""
+        if self.cfg.concept is not None:
+            return self.cfg.concept.insert_layer
+        return self.cfg.pause_layer if self.cfg.pause_layer is not None else self.cfg.n_layer
+
+    @property
     def interleaves(self) -> bool:
-        return self.cfg.concept is not None and self.cfg.concept.mix == "interleave"
+        """Whether the blocks from ``insert_layer`` on run on 2T positions (interleaved concepts or pauses)."""
+        c = self.cfg.concept
+        return self.cfg.pause_layer is not None or (c is not None and c.mix == "interleave")
 
     def forward(
         self,
@@ -153,21 +174,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, d)
-        L_ins = self.cfg.concept.insert_layer if self.concept is not None else self.cfg.n_layer
+        L_ins = self.insert_layer
         for i in range(L_ins):
             x = self.blocks[i](x, cache, i)
-        z = top = None
+        z = top = slot = None  # slot: what goes after each token when interleaving (B, T, d)
         if self.concept is not None:
             out = self.concept(x, steer, steer_from)
             z, top = out.logits, out.top_idx
             if self.cfg.concept.mix == "interleave":
-                x = torch.stack([x, out.c_hat], dim=2).view(B, 2 * T, -1)  # (B, 2T, d): h_1, c_1, h_2, ...
+                slot = out.c_hat
             elif self.cfg.concept.mix == "add":
                 x = x + out.c_hat
+        elif self.pause is not None:
+            slot = self.pause.to(x.dtype).expand_as(x)
+        if slot is not None:
+            x = torch.stack([x, slot], dim=2).view(B, 2 * T, -1)  # (B, 2T, d): h_1, s_1, h_2, s_2, ...
         for i in range(L_ins, self.cfg.n_layer):
             x = self.blocks[i](x, cache, i)
         if self.interleaves:
-            x = x[:, 1::2]  # (B, T, d): the concept slots predict the next token
+            x = x[:, 1::2]  # (B, T, d): the concept / pause slots predict the next token
         h = self.ln_f(x)
         if cache is not None:
             cache.n_tokens += T
@@ -185,7 +210,7 @@ class GPT(nn.Module):
         """Forward+backward FLOPs per predicted token for windows of T tokens (matmuls only:
         2 FLOPs per multiply-add, backward = 2x forward; Kaplan et al. 2020 / PaLM appendix B)."""
         c, d = self.cfg, self.cfg.d_model
-        L_ins = c.concept.insert_layer if c.concept is not None else c.n_layer
+        L_ins = self.insert_layer
         per_pos_block = 2 * 12 * d * d  # qkv (3d^2) + proj (d^2) + MLP (8d^2), multiply-adds x2
 
         def attn(n_ctx: int) -> float:  # QK^T and AV, causal average context n_ctx/2 per query
@@ -198,10 +223,8 @@ class GPT(nn.Module):
             fwd += 2 * d * C  # predictor
             if c.concept.mix != "none":
                 fwd += 2 * k * d  # compression of k columns
-            if c.concept.mix == "interleave":
-                fwd += rest * 2 * (per_pos_block + attn(2 * T))  # two positions per token
-            else:
-                fwd += rest * (per_pos_block + attn(T))
+        if self.interleaves:
+            fwd += rest * 2 * (per_pos_block + attn(2 * T))  # two positions per token (concept or pause slot)
         else:
             fwd += rest * (per_pos_block + attn(T))
         fwd += 2 * d * c.vocab_size  # LM head
