@@ -53,6 +53,43 @@ def loss_at(curve: list[dict], x_value: float, x: str) -> float | None:
     return None
 
 
+def equivalent_tokens(base: list[dict], other: list[dict]) -> list[dict]:
+    """At each evaluation of ``other``: the tokens ``base`` needed to reach the same loss, and their
+    ratio to ``other``'s tokens (the base-equivalent data multiplier, > 1 when ``other`` learns more per
+    token; "effective data" in Hernandez et al. 2021, arXiv 2102.01293). None where ``base`` never got
+    that low, or where the point is worse than base's first evaluation (base got there earlier, by an
+    unknown count of tokens)."""
+    out = []
+    for p in other:
+        t = x_to_reach(base, p["val_loss"], "tokens")
+        known = t is not None and p["val_loss"] <= base[0]["val_loss"]
+        out.append({"tokens": p["tokens"], "base_tokens": t if known else None,
+                    "ratio": t / p["tokens"] if known else None})
+    return out
+
+
+def extrapolate_ratio(points: list[dict], tail: float = 0.5) -> dict:
+    """A power law ratio ~ tokens^slope fitted by least squares in log-log space to the last ``tail``
+    fraction of the equivalent-token points; where the slope carries the ratio to 1 (parity), the
+    projected tokens. A straight-line extrapolation of a short, cosine-decayed run: an indication of
+    direction, not a forecast (README, "Why CoCoMix trails NTP")."""
+    pts = [p for p in points if p["ratio"]]
+    pts = pts[int(len(pts) * (1 - tail)):]
+    if len(pts) < 3:
+        return {"points": len(pts), "slope": None, "parity_tokens": None}
+    xs, ys = [math.log(p["tokens"]) for p in pts], [math.log(p["ratio"]) for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    last = pts[-1]
+    parity = None
+    if last["ratio"] < 1 and slope > 0:
+        parity = last["tokens"] * (1 / last["ratio"]) ** (1 / slope)
+    elif last["ratio"] >= 1:
+        parity = last["tokens"]
+    return {"points": len(pts), "from_tokens": pts[0]["tokens"], "slope": slope, "last_ratio": last["ratio"],
+            "parity_tokens": parity}
+
+
 def compare(base: list[dict], other: list[dict]) -> dict:
     """``other`` against ``base`` (NTP): at equal tokens, and at equal training FLOPs."""
     target = base[-1]["val_loss"]
@@ -63,6 +100,8 @@ def compare(base: list[dict], other: list[dict]) -> dict:
         out[f"{x}_saved_fraction"] = None if reach is None else 1.0 - reach / base[-1][x]
         # The mirror question, which still has an answer when `other` is the slower one.
         out[f"base_{x}_to_reach_final"] = x_to_reach(base, other[-1]["val_loss"], x)
+    out["equivalent_tokens"] = eq = equivalent_tokens(base, other)
+    out["equivalent_tokens_trend"] = extrapolate_ratio(eq)
     # Equal FLOPs: both losses where the cheaper run's budget ends (the paper reports tokens only).
     f_eq = min(base[-1]["flops"], other[-1]["flops"])
     out["equal_flops"] = {"flops": f_eq, "base_val_loss": loss_at(base, f_eq, "flops"),

@@ -53,6 +53,25 @@ def test_compare_at_equal_tokens_and_equal_flops():
     assert cmp.loss_at(ntp, 5000, "flops") is None
 
 
+def test_equivalent_tokens_and_their_trend():
+    ntp = curve([(100, 1, 6.0), (200, 2, 5.0), (300, 3, 4.5), (400, 4, 4.2)])
+    slow = curve([(100, 1, 6.5), (200, 2, 5.5), (300, 3, 5.0), (400, 4, 4.6)])
+    eq = cmp.equivalent_tokens(ntp, slow)
+    assert eq[0] == {"tokens": 100, "base_tokens": None, "ratio": None}  # worse than NTP's first evaluation
+    assert eq[1]["base_tokens"] == pytest.approx(150.0) and eq[1]["ratio"] == pytest.approx(0.75)
+    assert eq[2]["base_tokens"] == pytest.approx(200.0) and eq[3]["base_tokens"] == pytest.approx(280.0)
+    fast = curve([(100, 1, 5.0), (200, 2, 4.4)])
+    assert cmp.equivalent_tokens(ntp, fast)[0]["base_tokens"] == pytest.approx(200.0)
+    assert cmp.equivalent_tokens(ntp, fast)[1]["ratio"] is None  # beyond NTP's whole run: unknown
+    # A ratio growing as tokens^0.5 from 0.25 reaches parity 16x later; a shrinking one never does.
+    pts = [{"tokens": t, "ratio": 0.25 * (t / 100) ** 0.5} for t in (100, 200, 400, 800)]
+    trend = cmp.extrapolate_ratio(pts, tail=1.0)
+    assert trend["slope"] == pytest.approx(0.5) and trend["parity_tokens"] == pytest.approx(1600.0)
+    down = cmp.extrapolate_ratio([{"tokens": t, "ratio": 1 / t} for t in (1, 2, 3, 4)], tail=1.0)
+    assert down["slope"] == pytest.approx(-1.0) and down["parity_tokens"] is None
+    assert cmp.extrapolate_ratio(pts[:2], tail=1.0)["slope"] is None  # too few points to fit
+
+
 def test_mean_curve_over_seeds():
     a = curve([(100, 1, 6.0), (200, 2, 5.0)])
     b = curve([(100, 1, 5.0), (200, 2, 4.0), (300, 3, 3.0)])
