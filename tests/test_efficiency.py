@@ -60,7 +60,7 @@ def test_equivalent_tokens_and_their_trend():
     assert eq[0] == {"tokens": 100, "base_tokens": None, "ratio": None}  # worse than NTP's first evaluation
     assert eq[1]["base_tokens"] == pytest.approx(150.0) and eq[1]["ratio"] == pytest.approx(0.75)
     assert eq[2]["base_tokens"] == pytest.approx(200.0) and eq[3]["base_tokens"] == pytest.approx(280.0)
-    fast = curve([(100, 1, 5.0), (200, 2, 4.4)])
+    fast = curve([(100, 1, 5.0), (200, 2, 4.1)])
     assert cmp.equivalent_tokens(ntp, fast)[0]["base_tokens"] == pytest.approx(200.0)
     assert cmp.equivalent_tokens(ntp, fast)[1]["ratio"] is None  # beyond NTP's whole run: unknown
     # A ratio growing as tokens^0.5 from 0.25 reaches parity 16x later; a shrinking one never does.
