@@ -91,6 +91,43 @@ class StepSampler:
         }
 
 
+# The concept label fields, in pairs moved together: attribution (ids, scores), activation (ids, vals).
+LABEL_FIELDS = ("concept_ids", "concept_scores", "mix_ids", "mix_vals")
+
+
+class LabelPermutation:
+    """The label-signal control (``--permute-labels SEED``): train window i takes the concept labels
+    of window pi(i), its positions shuffled by sigma_i.
+
+    pi is one cycle through all train windows in an order drawn from ``SEED`` (a derangement: no
+    window keeps its own labels); sigma_i is a permutation of positions drawn from ``(SEED, i)``. Both
+    are bijections, so over an epoch every (window, position)'s labels are used exactly once: the
+    label distribution is the real one and any relation to the context is gone. A pure function of
+    (SEED, i): deterministic, the same on resume, under any number of ranks or loader workers."""
+
+    def __init__(self, n_windows: int, seed: int) -> None:
+        order = np.random.default_rng([seed, n_windows]).permutation(n_windows)
+        self.source = np.empty(n_windows, dtype=np.int64)
+        self.source[order] = np.roll(order, -1)  # order[k] takes the labels of order[k + 1]
+        self.seed = seed
+
+    def positions(self, i: int, n_positions: int) -> np.ndarray:
+        """sigma_i: (n_positions,) the source position of each position of window i."""
+        return np.random.default_rng([self.seed, int(i)]).permutation(n_positions)
+
+    def apply(self, raw: dict[str, np.ndarray], idx: np.ndarray, windows: Windows) -> np.ndarray:
+        """Replace the label fields of ``raw`` (windows ``idx``) in place; returns the source windows."""
+        fields = [f for f in LABEL_FIELDS if f in raw]
+        src = self.source[np.asarray(idx, dtype=np.int64)]
+        if not fields:
+            return src
+        donor = windows.get_batch(src)
+        for f in fields:
+            lab = np.asarray(donor[f])
+            raw[f] = np.stack([lab[b][self.positions(i, lab.shape[1])] for b, i in enumerate(idx)])
+        return src
+
+
 def to_torch(batch: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
     """numpy window arrays -> tensors; ``dtypes`` are the manifest's logical dtypes per field."""
     out = {}
@@ -125,10 +162,12 @@ class StepBatches(Dataset):
         world: int = 1,
         vocab_size: int | None = None,
         n_concepts: int | None = None,
+        permute_labels: int | None = None,
     ) -> None:
         self.windows, self.sampler, self.fields, self.dtypes = windows, sampler, fields, dtypes
         self.rank, self.world = rank, world
         self.vocab_size, self.n_concepts = vocab_size, n_concepts
+        self.permutation = LabelPermutation(len(windows), permute_labels) if permute_labels is not None else None
 
     def __len__(self) -> int:  # steps are unbounded (epochs repeat); DataLoader gets an explicit sampler
         return 2**62
@@ -156,6 +195,8 @@ class StepBatches(Dataset):
         idx = self.sampler.rank_indices(step, self.rank, self.world)
         raw = self.windows.get_batch(idx)
         raw = {k: raw[k] for k in self.fields}
+        # The labels' windows: the step's own, or with --permute-labels those they were taken from.
+        label_idx = idx if self.permutation is None else self.permutation.apply(raw, idx, self.windows)
         # Out-of-range ids would crash the embedding / gather (a device assert on GPU): name the shard.
         tok = raw["tokens"]
         if self.vocab_size is not None and tok.size and int(tok.max()) >= self.vocab_size:
@@ -181,7 +222,7 @@ class StepBatches(Dataset):
                     bad = (ids >= self.n_concepts) & np.isfinite(vals)
                     if bad.any():
                         raise ValueError(
-                            f"{f} {int(ids[bad].max())} >= n_concepts {self.n_concepts} in {self._where(idx)}"
+                            f"{f} {int(ids[bad].max())} >= n_concepts {self.n_concepts} in {self._where(label_idx)}"
                         )
         return to_torch(raw, self.dtypes)
 

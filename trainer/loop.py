@@ -27,6 +27,7 @@ from shards.dataset import verify_parts
 from trainer import checkpoint, concept_metrics, rundir
 from trainer.config import TrainConfig
 from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
+from trainer.evaluate import check_held_out, held_out_losses
 from trainer.model import GPT
 from trainer.objectives import compute_losses, concept_targets
 from trainer.optimizer import lr_at, make_optimizer
@@ -72,6 +73,7 @@ class Trainer:
         self.manifest = load_manifest(cfg.shards)
         self.model_cfg = build_model_config(cfg, self.manifest)
         check_manifest(cfg, self.manifest, self.model_cfg)
+        self.held_out = check_held_out(cfg.held_out, self.manifest, self.model_cfg.block_size, cfg.eval_windows)
         self.fields = needed_fields(cfg)
         self.dtypes = {k: self.manifest.fields[k].dtype for k in self.fields}
         self.k_attr = k_attr(self.manifest)
@@ -89,6 +91,8 @@ class Trainer:
         self.warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, self.total_steps // 300)
         self.record = run_record(self.model_cfg, cfg, self.world, self.total_steps,
                                  data_identity(self.manifest, self.fields, cfg.eval_windows))
+        if self.held_out:  # only then: the record of a run without --held-out stays as it was
+            self.record["data"]["held_out"] = {h.name: h.identity() for h in self.held_out}
         self.step, self.tokens = 0, 0
         self.resume_from, self.complete = self._place()
         self.last_ckpt: Path | None = self.resume_from
@@ -101,6 +105,8 @@ class Trainer:
         self.train_ds = open_split(self.manifest, "train", verify=verify, fields=self.fields)
         self.val_ds = (open_split(self.manifest, "val", verify=verify, fields=self.fields, limit=cfg.eval_windows)
                        if cfg.eval_windows > 0 else None)
+        for h in self.held_out:
+            h.open(verify)
         if shared:
             self._verify_shared()
         self.sampler = StepSampler(len(self.train_ds), self.G, cfg.seed)
@@ -136,7 +142,8 @@ class Trainer:
         )
 
     def _verify_shared(self) -> None:
-        parts = [p for ds in (self.train_ds, self.val_ds) if ds is not None for p in ds.parts()]
+        sets = (self.train_ds, self.val_ds, *(h.ds for h in self.held_out))
+        parts = [p for ds in sets if ds is not None for p in ds.parts()]
         error = ""
         try:
             verify_parts(parts[self.rank :: self.world])
@@ -203,7 +210,8 @@ class Trainer:
         saved = checkpoint.read_config(self.resume_from)
         rows = rundir.read_metrics(self.out / rundir.METRICS)
         evals = [
-            {"step": r["step"], **{k: v for k, v in r.items() if k.startswith("val_")}} for r in rows if "val_loss" in r
+            {"step": r["step"], **{k: v for k, v in r.items() if k.startswith(("val_", "held_out/"))}}
+            for r in rows if "val_loss" in r
         ]
         params = None
         try:
@@ -240,7 +248,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean NTP loss (and concept / KD loss, concept recall) over the first eval_windows val windows."""
+        """Mean NTP loss (and concept / KD loss, concept recall) over the first eval_windows val windows;
+        the same NTP loss on each --held-out set (trainer/evaluate.py)."""
         self.model.eval()
         sums = torch.zeros(7, dtype=torch.float64)  # ntp, concept, kd, windows, recall hits, prior hits, labels
         for batch in eval_batches(
@@ -266,6 +275,8 @@ class Trainer:
             sums = sums.to(self.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
+        held = held_out_losses(self.held_out, self.model, self.cfg.micro_batch, self.rank, self.world, self.device,
+                               self.autocast)
         self.model.train()
         n = max(1.0, sums[3].item())
         out = {"val_loss": sums[0].item() / n}
@@ -276,7 +287,7 @@ class Trainer:
             out["val_kd_loss"] = sums[2].item() / n
         if self.prior is not None:
             out.update(concept_metrics.recall_metrics(sums[4].item(), sums[5].item(), sums[6].item()))
-        return out
+        return out | held
 
     def save(self) -> None:
         config = {
@@ -348,6 +359,7 @@ class Trainer:
             self.train_ds, self.sampler, self.fields, self.dtypes, self.rank, self.world,
             vocab_size=self.model_cfg.vocab_size,
             n_concepts=self.model_cfg.concept.n_concepts if self.model_cfg.concept else None,
+            permute_labels=cfg.permute_labels,  # the label-signal control; val keeps the real labels
         )
         stop = self.total_steps if not cfg.halt_after else min(self.total_steps, self.step + cfg.halt_after)
         loader = step_loader(source, self.step, stop, cfg.workers, pin_memory=self.device.type == "cuda")
@@ -419,6 +431,8 @@ class Trainer:
             for ds in (self.train_ds, self.val_ds):
                 if ds is not None:
                     ds.close()
+            for h in self.held_out:
+                h.close()
         return {"step": self.step, "tokens": self.tokens, "total_steps": self.total_steps, "last": last, "evals": evals,
                 "out_dir": str(self.out), "params": self.model.num_params()}
 
