@@ -191,7 +191,8 @@ class TrainConfig(TrackingOptions):
     pause: bool = False
     """The pause-token baseline (paper Fig. 6f) for --mode ntp or kd: the CoCoMix preset's backbone
     (its width and L_ins) with a learned pause vector interleaved after every token at L_ins instead
-    of a concept: the same extra compute, no concepts."""
+    of a concept: CoCoMix's backbone and interleaved positions without its concept predictor and
+    compression (so fewer FLOPs than CoCoMix, more than NTP at the same width)."""
     width: int | None = None
     """Override the preset's residual width d (e.g. the NTP baseline matched by active parameters
     instead of FLOPs); must be divisible by the head count."""
