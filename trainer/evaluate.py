@@ -1,4 +1,5 @@
-"""More held-out sets (``--held-out NAME=MANIFEST``): checked at start-up, evaluated with the val split.
+"""Evaluation: the val split's metrics (:func:`val_metrics`) and more held-out sets (``--held-out
+NAME=MANIFEST``), checked at start-up (:func:`check_held_out`), evaluated with the val split.
 
 Each set is a manifest with the training data's tokenizer (a stage-1 tokens manifest suffices: only
 ``tokens`` is read). Its evaluated windows are those of its ``val`` split when it has any, else of its
@@ -10,6 +11,8 @@ mean over windows, summed over ranks under DDP, as ``held_out/NAME/loss`` (:func
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from shards import load_manifest, open_split
+from trainer import concept_metrics
 from trainer.data import eval_batches
-from trainer.objectives import compute_losses
+from trainer.objectives import compute_losses, concept_targets
 
 _FIELDS = ["tokens"]
 
@@ -103,7 +107,7 @@ def held_out_losses(
     sets: list[HeldOut], model, micro_batch: int, rank: int, world: int, device: torch.device, autocast
 ) -> dict[str, float]:
     """``{held_out/NAME/loss: mean next-token loss}`` of every set, the model in eval mode (the caller's
-    job). The arithmetic is that of ``Trainer.evaluate``'s val_loss: a window-weighted fp64 mean of the
+    job). The arithmetic is that of :func:`val_metrics`' val_loss: a window-weighted fp64 mean of the
     per-batch losses, summed over ranks."""
     if not sets:
         return {}
@@ -121,3 +125,45 @@ def held_out_losses(
         dist.all_reduce(sums)
         sums = sums.cpu()
     return {metric_key(s.name): sums[2 * j].item() / max(1.0, sums[2 * j + 1].item()) for j, s in enumerate(sets)}
+
+
+@torch.no_grad()
+def val_metrics(
+    batches: Iterable[dict[str, torch.Tensor]], model, losses: Callable, mode: str, labels: str, k_attr: int | None,
+    prior: torch.Tensor | None, world: int, device: torch.device, autocast,
+) -> dict[str, float]:
+    """val_loss / val_ppl (and val_concept_loss, val_kd_loss, the concept recall and its prior floor) over
+    this rank's ``batches``, summed over ranks; ``losses(batch, model_output)`` gives the run's objectives.
+    Window-weighted fp64 means of the per-batch losses."""
+    sums = torch.zeros(7, dtype=torch.float64)  # ntp, concept, kd, windows, recall hits, prior hits, labels
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            pred = model(batch["tokens"][:, :-1])
+            out = losses(batch, pred)
+        if prior is not None:
+            ids, valid = concept_targets(batch, labels, k_attr)
+            hits, n_labels = concept_metrics.topk_hits(pred.concept_ids, ids, valid)
+            sums[4:] += torch.tensor([hits, concept_metrics.prior_hits(prior, ids, valid), n_labels],
+                                     dtype=torch.float64)
+        n = batch["tokens"].shape[0]
+        sums[:4] += torch.tensor([
+            out.ntp.item() * n,
+            (out.concept.item() if out.concept is not None else 0.0) * n,
+            (out.kd.item() if out.kd is not None else 0.0) * n,
+            n,
+        ], dtype=torch.float64)
+    if world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    n = max(1.0, sums[3].item())
+    res = {"val_loss": sums[0].item() / n}
+    res["val_ppl"] = math.exp(min(res["val_loss"], 50.0))
+    if mode == "cocomix":
+        res["val_concept_loss"] = sums[1].item() / n
+    if mode == "kd":
+        res["val_kd_loss"] = sums[2].item() / n
+    if prior is not None:
+        res.update(concept_metrics.recall_metrics(sums[4].item(), sums[5].item(), sums[6].item()))
+    return res

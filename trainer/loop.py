@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from shards.dataset import verify_parts
 from trainer import checkpoint, concept_metrics, rundir
 from trainer.config import TrainConfig
 from trainer.data import LOAD_ERROR, StepBatches, StepSampler, eval_batches, step_loader
-from trainer.evaluate import check_held_out, held_out_losses
+from trainer.evaluate import check_held_out, held_out_losses, val_metrics
 from trainer.model import GPT
 from trainer.objectives import compute_losses, concept_targets
 from trainer.optimizer import lr_at, make_optimizer
@@ -251,43 +250,14 @@ class Trainer:
         """Mean NTP loss (and concept / KD loss, concept recall) over the first eval_windows val windows;
         the same NTP loss on each --held-out set (trainer/evaluate.py)."""
         self.model.eval()
-        sums = torch.zeros(7, dtype=torch.float64)  # ntp, concept, kd, windows, recall hits, prior hits, labels
-        for batch in eval_batches(
-            self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world, self.fields, self.dtypes
-        ):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast:
-                pred = self.model(batch["tokens"][:, :-1])
-                losses = self._losses(batch, self.model, out=pred)
-            if self.prior is not None:
-                ids, valid = concept_targets(batch, self.cfg.labels, self.k_attr)
-                hits, n_labels = concept_metrics.topk_hits(pred.concept_ids, ids, valid)
-                sums[4:] += torch.tensor([hits, concept_metrics.prior_hits(self.prior, ids, valid), n_labels],
-                                         dtype=torch.float64)
-            n = batch["tokens"].shape[0]
-            sums[:4] += torch.tensor([
-                losses.ntp.item() * n,
-                (losses.concept.item() if losses.concept is not None else 0.0) * n,
-                (losses.kd.item() if losses.kd is not None else 0.0) * n,
-                n,
-            ], dtype=torch.float64)
-        if self.world > 1:
-            sums = sums.to(self.device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        held = held_out_losses(self.held_out, self.model, self.cfg.micro_batch, self.rank, self.world, self.device,
+        batches = eval_batches(self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world,
+                               self.fields, self.dtypes)
+        out = val_metrics(batches, self.model, lambda b, pred: self._losses(b, self.model, out=pred), self.cfg.mode,
+                          self.cfg.labels, self.k_attr, self.prior, self.world, self.device, self.autocast)
+        out |= held_out_losses(self.held_out, self.model, self.cfg.micro_batch, self.rank, self.world, self.device,
                                self.autocast)
         self.model.train()
-        n = max(1.0, sums[3].item())
-        out = {"val_loss": sums[0].item() / n}
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-        if self.cfg.mode == "cocomix":
-            out["val_concept_loss"] = sums[1].item() / n
-        if self.cfg.mode == "kd":
-            out["val_kd_loss"] = sums[2].item() / n
-        if self.prior is not None:
-            out.update(concept_metrics.recall_metrics(sums[4].item(), sums[5].item(), sums[6].item()))
-        return out | held
+        return out
 
     def save(self) -> None:
         config = {
