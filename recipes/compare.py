@@ -79,7 +79,7 @@ def extrapolate_ratio(points: list[dict], tail: float = 0.5) -> dict:
         return {"points": len(pts), "slope": None, "parity_tokens": None}
     xs, ys = [math.log(p["tokens"]) for p in pts], [math.log(p["ratio"]) for p in pts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     last = pts[-1]
     parity = None
     if last["ratio"] < 1 and slope > 0:

@@ -151,7 +151,8 @@ def test_first_documents_slices_reuses_and_refuses(tmp_path):
     # Across sources: the first source's documents, then the next's.
     src2 = write_corpus(tmp_path / "d.txt", ["five"])
     (both,) = first_documents([str(src), str(src2)], 4, tmp_path / "both")
-    assert Path(both).read_text().count("<|endoftext|>") == 4 and Path(both).read_text().endswith("five\n<|endoftext|>\n")
+    text = Path(both).read_text()
+    assert text.count("<|endoftext|>") == 4 and text.endswith("five\n<|endoftext|>\n")
 
 
 def test_bad_configs_are_refused(tmp_path):
@@ -235,7 +236,8 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     assert "run its config first" in capsys.readouterr().err
 
     # Arms on the same labels: ablations, the pause baseline, the permuted-label control, a held-out set.
-    arms = cfg | {"name": "tiny-arms", "extraction": str(out), "max_tokens": 6 * 4 * 32, "held_out": {"more": [str(train)]},
+    arms = cfg | {"name": "tiny-arms", "extraction": str(out), "max_tokens": 6 * 4 * 32,
+                  "held_out": {"more": [str(train)]},
                   "arms": {"ntp": {"mode": "ntp"}, "narrow": {"mode": "ntp", "width": 48},
                            "add": {"mode": "cocomix", "mix": "add"}, "act": {"mode": "cocomix", "labels": "activation"},
                            "perm": {"mode": "cocomix", "permute_labels": 0, "seeds": [0, 1]},

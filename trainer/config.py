@@ -86,7 +86,7 @@ class ModelConfig:
             )
         if self.pause_layer is not None:
             if self.concept is not None:
-                raise ValueError("pause_layer and a concept block exclude each other (the pause baseline has no concepts)")
+                raise ValueError("pause_layer and a concept block exclude each other (pause tokens replace concepts)")
             if not 0 <= self.pause_layer <= self.n_layer:
                 raise ValueError(f"pause_layer={self.pause_layer} must be in [0, n_layer={self.n_layer}]")
 
@@ -292,7 +292,7 @@ class TrainConfig(TrackingOptions):
         if self.permute_labels is not None and self.mode != "cocomix":
             raise ValueError(f"--permute-labels applies to --mode cocomix, not {self.mode}")
         names = [h.split("=", 1)[0] for h in self.held_out or []]
-        for h, name in zip(self.held_out or [], names):
+        for h, name in zip(self.held_out or [], names, strict=True):
             if "=" not in h or not name or not h.split("=", 1)[1]:
                 raise ValueError(f"--held-out takes NAME=MANIFEST, got {h!r}")
             if not name.replace("-", "").replace("_", "").isalnum():
