@@ -172,8 +172,43 @@ def plot_arms(rows: dict[str, dict], baseline: str, held_out: list[str], path: P
     return path
 
 
+def arms_table(r: dict) -> str:
+    """The report's students as one Markdown table (README, "Why CoCoMix trails NTP"): size, cost, final
+    loss on every evaluated set, tokens to reach the baseline's final loss (or the baseline tokens that
+    reach this arm's final: the data multiplier), and concept recall against the label-frequency prior."""
+    rows = r["students"]
+    held = list(r.get("held_out", {}))
+    base = r.get("baseline", "ntp")
+    head = ["arm", "settings", "params", "FLOPs/token", "val loss (mean ± sd, seeds)", *[f"{h} loss" for h in held],
+            f"tokens to reach {base}'s final", f"{base} tokens for this final (multiplier)", "concept recall (prior)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        settings = ", ".join(f"{k}={v}" for k, v in row.get("settings", {}).items() if k != "mode")
+        mode = row.get("settings", {}).get("mode", name)
+        vs = row.get("vs_baseline") or {}
+        reach = vs.get("tokens_to_reach_base_final")
+        eq = (vs.get("equivalent_tokens") or [{}])[-1]
+        cells = [
+            f"**{name}**" if name == base else name,
+            mode + (f" ({settings})" if settings else ""),
+            f"{row['params'] / 1e6:.2f}M",
+            f"{row['flops_per_token']:.3g}",
+            f"{row['final_val_loss_mean']:.3f} ± {row['final_val_loss_std']:.3f} ({len(row['seeds'])})",
+            *[f"{row['final_held_out_loss'][h]:.3f}" for h in held],
+            "" if name == base else ("never" if reach is None else f"{reach:,.0f}"),
+            "" if name == base else ("beyond its run" if eq.get("base_tokens") is None
+                                     else f"{eq['base_tokens']:,.0f} ({eq['ratio']:.2f}x)"),
+            "" if row.get("val_concept_recall") is None
+            else f"{row['val_concept_recall']:.3f} ({row['val_concept_recall_prior']:.3f})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_report(r: dict) -> None:
     print(f"\nrun directory: {r['run_dir']}   report: {r['run_dir']}/report.json   plot: {r['plot']}")
+    if r["config"].get("arms"):
+        print(arms_table(r))
     print(f"data: {r['data']}   SAE: {r['sae']}")
     for mode, s in r["students"].items():
         held = "".join(f"  {n} {v:.4f}" for n, v in s.get("final_held_out_loss", {}).items())

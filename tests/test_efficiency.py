@@ -261,6 +261,8 @@ def test_experiment_end_to_end_with_a_tiny_teacher(tmp_path, tiny_teacher_dir, c
     assert ra["vs_ntp"]["add"]["held_out_delta"]["more"] == pytest.approx(
         rows["add"]["final_held_out_loss"]["more"] - rows["ntp"]["final_held_out_loss"]["more"])
     assert (tmp_path / "arms" / "efficiency.png").stat().st_size > 1000 and "more " in printed
+    assert "| narrow | ntp (width=48) |" in printed and "| **ntp** | ntp |" in printed  # the Markdown table
+    assert "| perm | cocomix (permute_labels=0) |" in printed
     assert (tmp_path / "arms" / "held-out" / "more" / "manifest.json").is_file()
     # A rerun reuses every student and writes the same report.
     before = (tmp_path / "arms" / "report.json").read_text()
