@@ -8,6 +8,11 @@ log-probs for KD) -> NTP, CoCoMix and KD students on the same windows at the sam
 for each seed -> ``report.json`` and ``efficiency.png`` (validation loss against training tokens
 and against training FLOPs) in the run directory.
 
+A config may instead name *arms* (recipes/arms.py): students with the trainer's ablation switches
+(prediction or mixing only, adding, activation labels, pause tokens, permuted labels, another width),
+each compared with a baseline arm, and extra held-out corpora evaluated beside the val split
+(``recipes/configs/ablations-cpu.json``, README "Why CoCoMix trails NTP").
+
 The report answers the paper's headline question (arXiv 2502.08524, docs/method.md: at 1.38B CoCoMix
 reaches NTP's final validation loss with 21.5% fewer tokens) at this scale, and the one the paper leaves
 out: the same comparison at equal training FLOPs. Every step reuses what a previous run finished,
