@@ -140,10 +140,11 @@ def plot_arms(rows: dict[str, dict], baseline: str, held_out: list[str], path: P
         return None
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
     ax = axes[0]
+    colors = plt.get_cmap("tab20").colors if len(rows) > 10 else [f"C{i}" for i in range(10)]
     for i, (name, r) in enumerate(rows.items()):
         c = r["curve"]
-        ax.plot([p["tokens"] for p in c], [p["val_loss"] for p in c], color=f"C{i % 10}", marker="o", ms=2.5,
-                lw=2.2 if name == baseline else 1.2, ls="-" if i < 10 else "--",
+        ax.plot([p["tokens"] for p in c], [p["val_loss"] for p in c], color=colors[i % len(colors)], marker="o",
+                ms=2.5, lw=2.2 if name == baseline else 1.2, ls="-" if r["settings"].get("mode") != "kd" else "--",
                 label=f"{name} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
