@@ -138,12 +138,13 @@ def test_cli_flags_are_frozen_and_documented():
     flags = sorted(o for a in p._actions for o in a.option_strings if o.startswith("--"))
     assert flags == [
         "--beta1", "--beta2", "--ckpt-every", "--compile", "--concept-loss", "--concept-topk", "--device", "--dropout",
-        "--eval-every", "--eval-windows", "--grad-accum", "--grad-clip", "--halt-after", "--help", "--insert-layer",
-        "--labels", "--lambda-concept", "--lambda-kd", "--log-every", "--loss-chunk", "--lr", "--max-tokens",
-        "--micro-batch",
-        "--min-lr-ratio", "--mix", "--mode", "--no-compile", "--no-concept-loss", "--no-progress", "--no-tensorboard",
-        "--out-dir", "--preset", "--progress", "--resume", "--seed", "--shards", "--steps", "--tensorboard", "--verify",
-        "--wandb", "--wandb-entity", "--wandb-mode", "--wandb-name", "--warmup-steps", "--weight-decay", "--workers",
+        "--eval-every", "--eval-windows", "--grad-accum", "--grad-clip", "--halt-after", "--held-out", "--help",
+        "--insert-layer", "--labels", "--lambda-concept", "--lambda-kd", "--log-every", "--loss-chunk", "--lr",
+        "--max-tokens", "--micro-batch",
+        "--min-lr-ratio", "--mix", "--mode", "--no-compile", "--no-concept-loss", "--no-pause", "--no-progress",
+        "--no-tensorboard", "--out-dir", "--pause", "--permute-labels", "--preset", "--progress", "--resume", "--seed",
+        "--shards", "--steps", "--tensorboard", "--verify", "--wandb", "--wandb-entity", "--wandb-mode", "--wandb-name",
+        "--warmup-steps", "--weight-decay", "--width", "--workers",
     ]
     assert all(a.help for a in p._actions), "every flag has a help text (the config field's docstring)"
     assert "cosine decays to this fraction of the peak (paper 10%)" in " ".join(p.format_help().lower().split())
