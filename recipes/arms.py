@@ -31,14 +31,14 @@ def _trainer_settings(arm: dict[str, Any]) -> dict[str, Any]:
 
 def check_arms(arms: dict[str, dict], baseline: str) -> None:
     """Every arm is a valid trainer setting (checked by TrainConfig itself) and the baseline is one."""
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, plain_name
 
     if not arms:
         raise ValueError("arms must name at least one student")
     if baseline not in arms:
         raise ValueError(f"baseline {baseline!r} is not one of the arms {sorted(arms)}")
     for name, arm in arms.items():
-        if not name.replace("-", "").replace("_", "").isalnum():
+        if not plain_name(name):
             raise ValueError(f"arm name {name!r}: use letters, digits, - and _ (it names a run directory)")
         if not isinstance(arm, dict) or "mode" not in arm:
             raise ValueError(f"arm {name!r} must be an object with a mode, e.g. {{\"mode\": \"ntp\"}}")

@@ -34,6 +34,7 @@ from common.cli import Parser, run_cli
 from recipes.arms import arm_report, check_arms, student_config
 from recipes.compare import mean_curve, plot, plot_arms, print_report
 from recipes.steps import announce, extract_concepts, first_documents, read_curve, tokenize, train_sae, train_student
+from trainer.config import plain_name
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: relative paths in a config are relative to it
 
@@ -152,7 +153,7 @@ class EfficiencyConfig:
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         for name in self.held_out:
-            if name == "val" or not name.replace("-", "").replace("_", "").isalnum():
+            if name == "val" or not plain_name(name):
                 raise ValueError(f"held_out name {name!r}: use letters, digits, - and _ (and not 'val')")
         for name in ("train_documents", "val_documents"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -53,15 +53,16 @@ def check_sae(sae_dir: Path, cfg: SaeConfig, elsewhere: str) -> None:
         raise ValueError(f"{sae_dir} holds an SAE with other settings (found, wanted): {diff}; {elsewhere}")
 
 
-DELIMITER_LINE = b"<|endoftext|>\n"  # common/corpus.py's default document delimiter, on a line of its own
-
-
 def first_documents(sources: list[str], n: int | None, out: Path) -> list[str]:
     """The first ``n`` documents of delimited text files, as one file under ``out`` named like the first
     source (so document ids keep its name); ``sources`` unchanged when ``n`` is None. A slice already
     there with the same bytes is reused; a different one is refused, never replaced."""
     if n is None:
         return sources
+    from common.corpus import CorpusConfig
+    from common.corpus_cuts import is_delimiter_line
+
+    delim = CorpusConfig.delimiter.encode()  # the readers' default document delimiter
     chunks: list[bytes] = []
     left = n
     for src in sources:
@@ -72,7 +73,7 @@ def first_documents(sources: list[str], n: int | None, out: Path) -> list[str]:
         except OSError as e:
             raise ValueError(f"cannot read corpus {src}: {e}") from e
         for i, line in enumerate(lines):
-            if line.rstrip(b"\r\n") == DELIMITER_LINE.rstrip():
+            if is_delimiter_line(line, delim):
                 left -= 1
                 if left == 0:
                     chunks.append(b"".join(lines[:i + 1]))

@@ -16,6 +16,11 @@ Mix = Literal["interleave", "add", "none"]
 Labels = Literal["attribution", "activation"]
 
 
+def plain_name(name: str) -> bool:
+    """A name that may become a directory or a metric key: letters, digits, - and _ (held-out sets, arms)."""
+    return bool(name) and name.replace("-", "").replace("_", "").isalnum()
+
+
 @dataclass
 class ConceptConfig:
     """The CoCoMix block inserted before block ``insert_layer`` (docs/method.md section 2.2)."""
@@ -295,7 +300,7 @@ class TrainConfig(TrackingOptions):
         for h, name in zip(self.held_out or [], names, strict=True):
             if "=" not in h or not name or not h.split("=", 1)[1]:
                 raise ValueError(f"--held-out takes NAME=MANIFEST, got {h!r}")
-            if not name.replace("-", "").replace("_", "").isalnum():
+            if not plain_name(name):
                 raise ValueError(f"--held-out name {name!r}: use letters, digits, - and _")
         if len(set(names)) != len(names) or "val" in names:
             raise ValueError(f"--held-out names must be distinct and not 'val', got {names}")
@@ -335,6 +340,6 @@ FREE_KEYS = ("out_dir", "resume", "workers", "progress", "log_every", "eval_ever
              "halt_after", "verify", "device", "compile", "loss_chunk", *TRACKING_FIELDS)
 
 __all__ = [
-    "ConceptConfig", "ModelConfig", "TrainConfig", "PRESETS", "get_preset", "RESUME_KEYS", "DERIVED_KEYS",
+    "ConceptConfig", "ModelConfig", "TrainConfig", "plain_name", "PRESETS", "get_preset", "RESUME_KEYS", "DERIVED_KEYS",
     "FREE_KEYS",
 ]

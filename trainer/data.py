@@ -122,9 +122,11 @@ class LabelPermutation:
         if not fields:
             return src
         donor = windows.get_batch(src)
+        T = np.asarray(donor[fields[0]]).shape[1]
+        sigma = np.stack([self.positions(i, T) for i in idx])  # (B, T), drawn once for every field
         for f in fields:
-            lab = np.asarray(donor[f])
-            raw[f] = np.stack([lab[b][self.positions(i, lab.shape[1])] for b, i in enumerate(idx)])
+            lab = np.asarray(donor[f])  # (B, T, K)
+            raw[f] = np.take_along_axis(lab, sigma.reshape(sigma.shape + (1,) * (lab.ndim - 2)), axis=1)
         return src
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from shards import load_manifest, open_split
 from trainer import concept_metrics
 from trainer.data import eval_batches
-from trainer.objectives import compute_losses, concept_targets
+from trainer.objectives import concept_targets
 
 _FIELDS = ["tokens"]
 
@@ -104,42 +104,31 @@ def check_held_out(specs: list[str] | None, manifest, block_size: int, eval_wind
 
 @torch.no_grad()
 def held_out_losses(
-    sets: list[HeldOut], model, micro_batch: int, rank: int, world: int, device: torch.device, autocast
+    sets: list[HeldOut], model, ntp_losses: Callable, micro_batch: int, rank: int, world: int, device: torch.device,
+    autocast, head: bool = True,
 ) -> dict[str, float]:
     """``{held_out/NAME/loss: mean next-token loss}`` of every set, the model in eval mode (the caller's
-    job). The arithmetic is that of :func:`val_metrics`' val_loss: a window-weighted fp64 mean of the
-    per-batch losses, summed over ranks."""
-    if not sets:
-        return {}
-    sums = torch.zeros(2 * len(sets), dtype=torch.float64)  # per set: loss x windows, windows
-    for j, s in enumerate(sets):
-        for batch in eval_batches(s.ds, s.windows, micro_batch, rank, world, _FIELDS, s.dtypes):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                out = model(batch["tokens"][:, :-1])
-                ntp = compute_losses(out, batch, "ntp").ntp
-            n = batch["tokens"].shape[0]
-            sums[2 * j : 2 * j + 2] += torch.tensor([ntp.item() * n, n], dtype=torch.float64)
-    if world > 1:
-        sums = sums.to(device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
-    return {metric_key(s.name): sums[2 * j].item() / max(1.0, sums[2 * j + 1].item()) for j, s in enumerate(sets)}
+    job): each set through :func:`val_metrics` as an NTP run (``ntp_losses(batch, model_output)``), so the
+    arithmetic is val_loss's."""
+    return {metric_key(s.name): val_metrics(
+        eval_batches(s.ds, s.windows, micro_batch, rank, world, _FIELDS, s.dtypes), model, ntp_losses, "ntp",
+        "attribution", None, None, world, device, autocast, head)["val_loss"] for s in sets}
 
 
 @torch.no_grad()
 def val_metrics(
     batches: Iterable[dict[str, torch.Tensor]], model, losses: Callable, mode: str, labels: str, k_attr: int | None,
-    prior: torch.Tensor | None, world: int, device: torch.device, autocast,
+    prior: torch.Tensor | None, world: int, device: torch.device, autocast, head: bool = True,
 ) -> dict[str, float]:
     """val_loss / val_ppl (and val_concept_loss, val_kd_loss, the concept recall and its prior floor) over
     this rank's ``batches``, summed over ranks; ``losses(batch, model_output)`` gives the run's objectives.
-    Window-weighted fp64 means of the per-batch losses."""
+    Window-weighted fp64 means of the per-batch losses. ``head=False``: the model returns its hidden
+    states and ``losses`` runs the LM head over chunks (trainer/chunked_ce.py), as in training."""
     sums = torch.zeros(7, dtype=torch.float64)  # ntp, concept, kd, windows, recall hits, prior hits, labels
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            pred = model(batch["tokens"][:, :-1])
+            pred = model(batch["tokens"][:, :-1], head=head)
             out = losses(batch, pred)
         if prior is not None:
             ids, valid = concept_targets(batch, labels, k_attr)

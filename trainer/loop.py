@@ -235,6 +235,10 @@ class Trainer:
             self.model.lm_head.weight, cfg.loss_chunk,
         )
 
+    def _ntp_losses(self, batch: dict[str, torch.Tensor], out) -> Any:
+        """The next-token loss alone (the --held-out sets), through the same LM head path as training."""
+        return compute_losses(out, batch, "ntp", head_weight=self.model.lm_head.weight, chunk=self.cfg.loss_chunk)
+
     def _concept_denom(self, batch: dict[str, torch.Tensor]) -> float | None:
         """Valid concept labels in the global batch / (ranks x micro-batches): see objectives.concept_loss."""
         if self.cfg.mode != "cocomix":
@@ -252,10 +256,11 @@ class Trainer:
         self.model.eval()
         batches = eval_batches(self.val_ds, self.cfg.eval_windows, self.cfg.micro_batch, self.rank, self.world,
                                self.fields, self.dtypes)
+        head = self.cfg.loss_chunk == 0  # else the LM head runs over chunks, as in training
         out = val_metrics(batches, self.model, lambda b, pred: self._losses(b, self.model, out=pred), self.cfg.mode,
-                          self.cfg.labels, self.k_attr, self.prior, self.world, self.device, self.autocast)
-        out |= held_out_losses(self.held_out, self.model, self.cfg.micro_batch, self.rank, self.world, self.device,
-                               self.autocast)
+                          self.cfg.labels, self.k_attr, self.prior, self.world, self.device, self.autocast, head)
+        out |= held_out_losses(self.held_out, self.model, self._ntp_losses, self.cfg.micro_batch, self.rank,
+                               self.world, self.device, self.autocast, head)
         self.model.train()
         return out
 
