@@ -217,10 +217,16 @@ def _main(argv: list[str] | None) -> int:
 
 def run(cfg: EfficiencyConfig, out: Path, until: str, ray_address: str, config_path: str) -> dict | None:
     """The experiment up to step ``until``; the report (also written to OUT/report.json) when it got there."""
+    from common.corpus_sources import expand_sources
     from pipeline.extract import ExtractConfig
     from pipeline.stage1 import TokenizeConfig
     from sae.train import TrainConfig as SaeConfig
 
+    for name, sources in cfg.held_out.items():  # a wrong path shows now, not after the extraction
+        try:
+            expand_sources([_repo_path(p) for p in sources])
+        except ValueError as e:
+            raise ValueError(f"held_out {name}: {e}") from e
     out.mkdir(parents=True, exist_ok=True)
     # Extraction outputs live in `ext`: this run's own directory, or the one named by cfg.extraction
     # (whose wall times are then reported as they were measured there).

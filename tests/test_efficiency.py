@@ -136,6 +136,13 @@ def test_arms_and_modes_flags_are_checked(tmp_path, capsys):
     assert "names no arms" in capsys.readouterr().err
 
 
+def test_a_missing_held_out_corpus_is_refused_before_any_work(tmp_path, capsys):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(_cfg(held_out={"code": [str(tmp_path / "nowhere" / "*.py")]})))
+    assert eff.main(["--config", str(p), "--out", str(tmp_path / "run")]) == 2
+    assert "held_out code: corpus glob" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_first_documents_slices_reuses_and_refuses(tmp_path):
     src = write_corpus(tmp_path / "c.txt", ["one\ntwo", "three", "four"])
     assert first_documents([str(src)], None, tmp_path / "out") == [str(src)]
